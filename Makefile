@@ -1,0 +1,25 @@
+# `make run` and `make test` do all set-up on a fresh machine: a venv with the pinned versions.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+RECIPE ?= quick
+
+.PHONY: run test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The main job on its defaults: the whole pipeline on the recipe RECIPE (see README).
+run: venv
+	$(VENV)/bin/mobileprune run --recipe $(RECIPE)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs build .pytest_cache

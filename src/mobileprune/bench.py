@@ -1,0 +1,90 @@
+"""Per-image latency of .pte files (ExecuTorch/XNNPACK) and eager models, side by side.
+
+Median of repeated single-image runs after a warm-up, at each thread count; the first model is the
+reference for the speed-up column.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .data import INPUT_SIZE
+from .errors import MobilepruneError
+
+
+@dataclass
+class Latency:
+    model: str
+    kind: str
+    threads: int
+    median_ms: float
+    p90_ms: float
+
+
+def _time(call, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def _bench_one(path: str, threads: tuple[int, ...], warmup: int, repeats: int, trust_pickle: bool) -> list[Latency]:
+    from .export import PteModel, set_runtime_threads
+    from .models import load_model
+
+    image = torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE)
+    results = []
+    if path.endswith(".pte"):
+        pte = PteModel(path)
+        for n in threads:
+            set_runtime_threads(n)
+            results.append(Latency(path, "pte", n, *_time(lambda: pte.method.execute([image]), warmup, repeats)))
+    else:
+        model = load_model(path, trust_pickle).eval()
+        with torch.no_grad():
+            for n in threads:
+                torch.set_num_threads(n)
+                results.append(Latency(path, "eager", n, *_time(lambda: model(image), warmup, repeats)))
+    return results
+
+
+def bench(paths: list[str | Path], threads: tuple[int, ...] | None = None, warmup: int = 10, repeats: int = 50,
+          trust_pickle: bool = False) -> list[Latency]:
+    """Latency of each model file (``.pte`` through ExecuTorch, anything else eager) at each thread count.
+
+    Each file is measured in a fresh process: ExecuTorch's XNNPACK thread pool and torch's OpenMP
+    pool in one process deadlock once the former has been resized, and a fresh process is also
+    the fair comparison (no warm caches from the previous model).
+    """
+    threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise MobilepruneError(f"{path}: no such file")
+    results = []
+    context = multiprocessing.get_context("spawn")
+    for path in paths:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            results += pool.submit(_bench_one, str(path), threads, warmup, repeats, trust_pickle).result()
+    return results
+
+
+def format_bench(results: list[Latency]) -> str:
+    reference = {r.threads: r.median_ms for r in results if r.model == results[0].model}
+    lines = [f"{'model':<48} {'kind':<5} {'threads':>7} {'median ms':>10} {'p90 ms':>8} {'speed-up':>8}"]
+    for r in results:
+        speedup = reference.get(r.threads, r.median_ms) / r.median_ms
+        lines.append(f"{r.model[-48:]:<48} {r.kind:<5} {r.threads:>7} {r.median_ms:>10.3f} {r.p90_ms:>8.3f} "
+                     f"{speedup:>7.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""``mobileprune``: a thin command line over the library. Every bad input ends in one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import MobilepruneError
+
+
+def _threads(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2 (got {text!r})") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1 (got {text!r})")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="CIFAR-10 folder (binary or python format); default $MOBILEPRUNE_DATA, "
+                                  "./data/cifar-10-batches-bin, ../shared/data/cifar-10-batches-bin")
+    p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    from .data import RESIZE_VARIANTS
+
+    return RESIZE_VARIANTS if text == "both" else (text,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import RESIZE_VARIANTS
+
+    parser = argparse.ArgumentParser(prog="mobileprune", description=__doc__)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the dense baseline from scratch with a recipe")
+    p.add_argument("--recipe", default="baseline", help="recipe name or .toml path (default: baseline)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe>/baseline)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--epochs", type=_positive, help="override the recipe's epochs")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_data_args(p)
+
+    p = sub.add_parser("evaluate", help="accuracy (and MFLOPs) of a .pth/.pt model or a .pte")
+    p.add_argument("model")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--variant", choices=(*RESIZE_VARIANTS, "both"), default="both")
+    p.add_argument("--limit", type=_positive, help="first N images only")
+    p.add_argument("--val-size", type=int, default=5000, help="size of the validation split (default 5000)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-pickle", action="store_true", help="unpickle any class (only for files you trust)")
+    p.add_argument("--json", action="store_true")
+    _add_data_args(p)
+
+    p = sub.add_parser("export", help="write a hand-in folder: model/mobilenet.pth, .pte, state_dict + layout")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="folder; files go to OUT/model/")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the .pte with eager")
+    p.add_argument("--trust-pickle", action="store_true")
+
+    p = sub.add_parser("grade", help="grade a hand-in folder or zip as the lab does")
+    p.add_argument("submission")
+    p.add_argument("--limit", type=_positive, help="first N test images only")
+    p.add_argument("--variant", choices=(*RESIZE_VARIANTS, "both"), default="both")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _add_data_args(p)
+
+    p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
+    p.add_argument("--warmup", type=_positive, default=10)
+    p.add_argument("--repeats", type=_positive, default=50)
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def load_data(args, recipe: dict | None = None):
+    from .data import find_data_dir, load_cifar10
+
+    settings = dict((recipe or {}).get("data", {}))
+    folder = find_data_dir(args.data, download=args.download)
+    return load_cifar10(folder, **settings)
+
+
+def cmd_train(args) -> None:
+    from .evaluate import accuracy, count_mflops
+    from .models import build_mobilenet_v2, save_pickled_model
+    from .recipes import load_recipe, section
+    from .train import TrainConfig, train
+
+    recipe = load_recipe(args.recipe)
+    config = TrainConfig.from_dict(section(recipe, "baseline"))
+    if args.epochs:
+        config.epochs = args.epochs
+    out = Path(args.out or Path("runs") / recipe["name"] / "baseline")
+    data = load_data(args, recipe)
+    device = args.device or _auto_device()
+    result = train(build_mobilenet_v2(), data, config, out, resume=args.resume, device=device,
+                   progress=not args.no_progress, desc="baseline")
+    test_accuracy = accuracy(result.model, data.test_images, data.test_labels, device=device)
+    save_pickled_model(result.model, out / "mobilenet.pth")
+    mflops, params = count_mflops(result.model)
+    summary = {"recipe": recipe["name"], "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+               "test_accuracy": test_accuracy, "test_images": len(data.test_labels), "mflops": mflops,
+               "params": params}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"best epoch {result.best_epoch}: val {result.best_val_accuracy:.4f}, test {test_accuracy:.4f} "
+          f"({len(data.test_labels)} images); wrote {out}/mobilenet.pth and best.pt")
+
+
+def _auto_device() -> str:
+    from .train import default_device
+
+    return str(default_device())
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import accuracy, count_mflops
+    from .export import PteModel
+    from .models import load_model
+
+    data = load_data(args, {"data": {"val_size": args.val_size}} if args.split == "val" else None)
+    images, labels = data.split(args.split)
+    images, labels = images[:args.limit], labels[:args.limit]
+    path = Path(args.model)
+    result = {"model": str(path), "split": args.split, "images": len(labels)}
+    if path.suffix == ".pte":
+        model, kwargs = PteModel(path), {"batch_size": 100}
+    else:
+        model, kwargs = load_model(path, args.trust_pickle), {"device": args.device}
+        result["mflops"], result["params"] = count_mflops(model)
+    result["accuracy"] = {v: accuracy(model, images, labels, v, progress=not args.no_progress, desc=v, **kwargs)
+                          for v in _variants(args.variant)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    if "mflops" in result:
+        print(f"MFLOPs {result['mflops']:.6f}   params {result['params']:,}")
+    for variant, acc in result["accuracy"].items():
+        print(f"accuracy ({args.split}, {len(labels)} images, {variant} resize): {acc:.4f}")
+
+
+def cmd_export(args) -> None:
+    from .evaluate import count_mflops
+    from .export import export_pte
+    from .models import load_model, save_pickled_model, save_state_with_layout
+
+    model = load_model(args.model, args.trust_pickle).eval()
+    folder = Path(args.out) / "model"
+    pth = save_pickled_model(model, folder / "mobilenet.pth")
+    save_state_with_layout(model, folder, "mobilenet")
+    pte = export_pte(model, folder / "mobilenet.pte", check=not args.no_check)
+    mflops, params = count_mflops(model)
+    print(f"wrote {pth}, {pte} and mobilenet.pt + mobilenet.layout.json ({mflops:.2f} MFLOPs, {params:,} params"
+          f"{'' if args.no_check else ', .pte checked against eager'})")
+
+
+def cmd_grade(args) -> None:
+    from .evaluate import format_grade, grade
+
+    result = grade(args.submission, data=args.data, limit=args.limit, variants=_variants(args.variant),
+                   trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
+
+
+def cmd_bench(args) -> None:
+    from dataclasses import asdict
+
+    from .bench import bench, format_bench
+
+    results = bench(args.models, args.threads, args.warmup, args.repeats, args.trust_pickle)
+    print(json.dumps([asdict(r) for r in results], indent=1) if args.json else format_bench(results))
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
+            "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Library warnings (torch.export, pytree) are noise on a user's terminal.
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1" if args.no_progress else "")
+    try:
+        COMMANDS[args.command](args)
+    except MobilepruneError as e:
+        print(f"mobileprune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mobileprune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Measuring a model as the lab's grader does: MFLOPs, accuracy of the .pth and the .pte, the score.
+
+The grader's steps, in order: ``model = torch.load("model/mobilenet.pth")``; MFLOPs =
+``tp.utils.count_ops_and_params(model, torch.zeros(1, 3, 224, 224))[0] / 1e6``; then
+``./xnn_executor_runner --model_path model/mobilenet.pte`` on ``data/test_batch.bin``, which prints
+the accuracy. ``grade`` reproduces them and adds the .pth's accuracy under both resize variants.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import INPUT_SIZE, RESIZE_VARIANTS, TEST_BIN, find_data_dir, preprocess, read_cifar_bin
+from .errors import MobilepruneError
+
+DENSE_MFLOPS = 318.969098
+DENSE_PARAMS = 2_236_682
+ACCURACY_BAR = 0.92
+
+
+def count_mflops(model: nn.Module) -> tuple[float, int]:
+    """(MFLOPs, parameters) exactly as the grader counts them: whole model, one zero image at 224."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        ops, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device))
+    model.train(was_training)
+    return ops / 1e6, int(params)
+
+
+def lab_score(mflops: float, accuracy: float) -> float:
+    """The lab's Part 2 score in percent: ((200 - MFLOPs)/155 - 10*max(0, 0.92 - acc)) * 45."""
+    return ((200 - mflops) / 155 - 10 * max(0.0, ACCURACY_BAR - accuracy)) * 45
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_size: int = 250,
+            device: str | torch.device = "cpu", progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Predicted classes of uint8 CIFAR images; ``model`` is an nn.Module or a PteModel."""
+    is_module = isinstance(model, nn.Module)
+    if is_module:
+        model = model.to(device).eval()
+    predictions = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        batch = images[start:start + batch_size].to(device if is_module else "cpu")
+        x = preprocess(batch, INPUT_SIZE, variant)
+        if is_module and torch.device(device).type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        predictions.append(model(x).argmax(1).cpu())
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, variant: str = "torchvision", **kwargs) -> float:
+    if len(labels) == 0:
+        raise MobilepruneError("no images to evaluate")
+    return (predict(model, images, variant, **kwargs) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- grading
+@dataclass
+class GradeResult:
+    submission: str
+    mflops: float
+    params: int
+    images: int
+    pth_accuracy: dict[str, float]
+    pte_accuracy: dict[str, float] | None
+    score_accuracy: float
+    score: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unpack(submission: Path, workdir: Path) -> Path:
+    if not submission.exists():
+        raise MobilepruneError(f"{submission}: no such file or folder")
+    if submission.is_dir():
+        return submission
+    if not zipfile.is_zipfile(submission):
+        raise MobilepruneError(f"{submission}: neither a folder nor a zip file")
+    with zipfile.ZipFile(submission) as z:
+        z.extractall(workdir)
+    # A zip may wrap everything in one top folder.
+    for candidate in (workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())):
+        if (candidate / "model" / "mobilenet.pth").is_file():
+            return candidate
+    return workdir
+
+
+def grade(submission: str | Path, data: str | Path | None = None, limit: int | None = None,
+          variants: tuple[str, ...] = RESIZE_VARIANTS, trust_pickle: bool = False, device: str = "cpu",
+          progress: bool = True) -> GradeResult:
+    """Grade a hand-in folder (``model/mobilenet.pth``, ``model/mobilenet.pte``, ``data/test_batch.bin``)
+    or its zip, as the lab's graders do."""
+    from .export import PteModel
+    from .models import load_pickled_model
+
+    submission = Path(submission)
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _unpack(submission, Path(tmp))
+        pth, pte = root / "model" / "mobilenet.pth", root / "model" / "mobilenet.pte"
+        if not pth.is_file():
+            raise MobilepruneError(f"{submission}: no model/mobilenet.pth")
+        model = load_pickled_model(pth, trust_pickle=trust_pickle)  # checks it is a torchvision MobileNetV2
+        mflops, params = count_mflops(model)
+        test_file = root / "data" / TEST_BIN
+        if not test_file.is_file():
+            test_file = find_data_dir(data) / TEST_BIN
+            notes.append(f"data/{TEST_BIN} not in the submission: used {test_file}")
+        images, labels = read_cifar_bin(test_file)
+        images, labels = images[:limit], labels[:limit]
+        if limit is not None:
+            notes.append(f"first {len(labels)} test images only (--limit)")
+        pth_accuracy = {v: accuracy(model, images, labels, v, device=device, progress=progress, desc=f".pth {v}")
+                        for v in variants}
+        pte_accuracy = None
+        if pte.is_file():
+            runtime_model = PteModel(pte)
+            pte_accuracy = {v: accuracy(runtime_model, images, labels, v, batch_size=100, progress=progress,
+                                        desc=f".pte {v}") for v in variants}
+            # The runner measures the .pte; its grid is the 'runner' variant where we measured it.
+            score_accuracy = pte_accuracy.get("runner", next(iter(pte_accuracy.values())))
+        else:
+            notes.append("no model/mobilenet.pte: graded the .pth alone (the lab's revised rules allow it)")
+            score_accuracy = pth_accuracy.get("torchvision", next(iter(pth_accuracy.values())))
+        shutil.rmtree(tmp, ignore_errors=True)
+    return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy, score_accuracy,
+                       lab_score(mflops, score_accuracy), notes)
+
+
+def format_grade(result: GradeResult) -> str:
+    lines = [f"submission   {result.submission}",
+             f"model        torchvision MobileNetV2 (checked)",
+             f"MFLOPs       {result.mflops:.6f}   ({result.mflops / DENSE_MFLOPS:.1%} of dense)",
+             f"parameters   {result.params:,}",
+             f"test images  {result.images:,}",
+             "",
+             f"{'accuracy':<12} " + "  ".join(f"{v:>11}" for v in result.pth_accuracy)]
+    lines.append(f"{'.pth eager':<12} " + "  ".join(f"{a:>11.4f}" for a in result.pth_accuracy.values()))
+    if result.pte_accuracy is not None:
+        lines.append(f"{'.pte xnnpack':<12} " + "  ".join(f"{a:>11.4f}" for a in result.pte_accuracy.values()))
+    lines += ["", f"lab score    {result.score:.2f} %   (MFLOPs {result.mflops:.2f}, accuracy "
+                  f"{result.score_accuracy:.4f}; full marks at 45 MFLOPs and >= {ACCURACY_BAR})"]
+    lines += [f"note         {n}" for n in result.notes]
+    return "\n".join(lines)

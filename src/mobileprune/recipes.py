@@ -1,0 +1,42 @@
+"""Recipes are data: TOML files under ``recipes/`` with one table per stage.
+
+``[data]`` (val_size, seed, train_limit, test_limit), ``[baseline]`` (a TrainConfig),
+``[finegrained]`` and ``[prune]`` (see those modules). A name is looked up in ``./recipes`` and in
+the project's own ``recipes/``; a path to a ``.toml`` file works too.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import MobilepruneError
+
+PROJECT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def recipe_dirs() -> list[Path]:
+    return [Path("recipes"), PROJECT_RECIPES]
+
+
+def available() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.toml")})
+
+
+def load_recipe(name_or_path: str | Path) -> dict:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = next((d / f"{name_or_path}.toml" for d in recipe_dirs() if (d / f"{name_or_path}.toml").is_file()), path)
+    if not path.is_file():
+        raise MobilepruneError(f"recipe {name_or_path!r} not found; available: {', '.join(available()) or 'none'}")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MobilepruneError(f"{path}: not valid TOML ({e})") from None
+    recipe.setdefault("name", path.stem)
+    return recipe
+
+
+def section(recipe: dict, name: str) -> dict:
+    if name not in recipe:
+        raise MobilepruneError(f"recipe {recipe.get('name')!r} has no [{name}] table")
+    return dict(recipe[name])
