@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny CIFAR-format files made here, and a small channel-pruned MobileNetV2."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobileprune.data import RECORD_BYTES
+from mobileprune.models import build_mobilenet_v2
+
+warnings.filterwarnings("ignore")
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
+
+
+def write_cifar_bin(path: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n random records in the official binary layout; returns (images (n,3,32,32), labels).
+
+    Each image is noise around a brightness set by its label, so a tiny run can learn it.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    noise = rng.integers(-40, 41, (n, 3, 32, 32))
+    images = np.clip(labels[:, None, None, None].astype(int) * 22 + 20 + noise, 0, 255).astype(np.uint8)
+    records = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
+    assert records.shape[1] == RECORD_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records.tofile(path)
+    return images, labels.astype(np.int64)
+
+
+def make_cifar_dir(root: Path, per_batch: int = 40, test: int = 40) -> Path:
+    """A cifar-10-batches-bin folder with five tiny training batches and a tiny test batch."""
+    folder = root / "cifar-10-batches-bin"
+    for i in range(1, 6):
+        write_cifar_bin(folder / f"data_batch_{i}.bin", per_batch, seed=i)
+    write_cifar_bin(folder / "test_batch.bin", test, seed=99)
+    return folder
+
+
+@pytest.fixture
+def cifar_dir(tmp_path) -> Path:
+    return make_cifar_dir(tmp_path)
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BN layers non-trivial statistics so outputs are far from zero (a fresh net's are ~1e-9)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    torch.nn.init.normal_(model.classifier[-1].weight, std=0.5, generator=g)
+    return model.eval()
+
+
+def tp_pruned_model(ratio: float = 0.6, seed: int = 0) -> torch.nn.Module:
+    """A MobileNetV2 channel-pruned by Torch-Pruning directly (independent of mobileprune.channel)."""
+    import torch_pruning as tp
+
+    torch.manual_seed(seed)
+    model = build_mobilenet_v2()
+    pruner = tp.pruner.BasePruner(model, torch.zeros(1, 3, 224, 224),
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+                                  ignored_layers=[model.classifier[1]])
+    pruner.step()
+    return randomize_batchnorm(model, seed)
+
+
+@pytest.fixture(scope="session")
+def pruned_model() -> torch.nn.Module:
+    return tp_pruned_model()
+
+
+@pytest.fixture(scope="session")
+def pruned_pte(pruned_model, tmp_path_factory) -> Path:
+    from mobileprune.export import export_pte
+
+    return export_pte(pruned_model, tmp_path_factory.mktemp("pte") / "mobilenet.pte")
+
+
+def real_data_or_skip() -> Path:
+    folder = Path(os.environ.get("MOBILEPRUNE_DATA", REAL_DATA))
+    if not (folder / "test_batch.bin").is_file():
+        pytest.skip(f"real CIFAR-10 not found at {folder} (set MOBILEPRUNE_DATA)")
+    return folder

@@ -1,0 +1,106 @@
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from mobileprune import evaluate
+from mobileprune.cli import main
+from mobileprune.export import PteModel, check_pte_matches
+from mobileprune.models import build_mobilenet_v2, save_pickled_model
+
+from conftest import real_data_or_skip, write_cifar_bin
+
+
+def test_dense_mflops_and_params_match_the_lab():
+    mflops, params = evaluate.count_mflops(build_mobilenet_v2())
+    assert mflops == pytest.approx(318.969098, abs=1e-6)
+    assert params == 2_236_682
+
+
+def test_lab_score():
+    assert evaluate.lab_score(45, 0.93) == pytest.approx(45.0)
+    assert evaluate.lab_score(200, 0.95) == pytest.approx(0.0)
+    assert evaluate.lab_score(26.3, 0.923) == pytest.approx((200 - 26.3) / 155 * 45)
+    assert evaluate.lab_score(45, 0.91) == pytest.approx((1 - 0.1) * 45)
+
+
+def test_pte_of_pruned_model_equals_eager(pruned_model, pruned_pte):
+    assert check_pte_matches(pruned_model, pruned_pte, samples=2, seed=1) < 1e-3
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert PteModel(pruned_pte)(x).argmax(1).tolist() == pruned_model(x).argmax(1).tolist()
+
+
+def _submission(tmp_path, model, pte, with_data=True):
+    folder = tmp_path / "sub"
+    save_pickled_model(model, folder / "model" / "mobilenet.pth")
+    if pte is not None:
+        shutil.copy(pte, folder / "model" / "mobilenet.pte")
+    if with_data:
+        write_cifar_bin(folder / "data" / "test_batch.bin", 12)
+    return folder
+
+
+def test_grade_tiny_submission_folder_and_zip(tmp_path, pruned_model, pruned_pte, capsys):
+    folder = _submission(tmp_path, pruned_model, pruned_pte)
+    result = evaluate.grade(folder, progress=False)
+    assert result.images == 12
+    assert result.mflops == pytest.approx(evaluate.count_mflops(pruned_model)[0])
+    assert result.mflops < 318
+    # The .pte and the .pth predict the same classes, so their accuracies agree exactly.
+    assert result.pte_accuracy == result.pth_accuracy
+    assert result.score == pytest.approx(evaluate.lab_score(result.mflops, result.pte_accuracy["runner"]))
+
+    archive = tmp_path / "0000000.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in folder.rglob("*"):
+            z.write(f, f.relative_to(folder))
+    assert main(["--no-progress", "grade", str(archive), "--json"]) == 0
+    graded = json.loads(capsys.readouterr().out)
+    assert graded["mflops"] == pytest.approx(result.mflops) and graded["pth_accuracy"] == result.pth_accuracy
+
+
+def test_grade_without_pte_grades_pth_alone_and_falls_back_to_data_path(tmp_path, pruned_model, cifar_dir):
+    folder = _submission(tmp_path, pruned_model, None, with_data=False)
+    result = evaluate.grade(folder, data=cifar_dir, progress=False, variants=("torchvision",))
+    assert result.pte_accuracy is None and result.images == 40
+    assert any("no model/mobilenet.pte" in n for n in result.notes)
+    assert any("not in the submission" in n for n in result.notes)
+
+
+def test_grade_refuses_a_model_that_is_not_mobilenet_v2(tmp_path, capsys):
+    (tmp_path / "sub" / "model").mkdir(parents=True)
+    torch.save(torch.nn.Linear(3, 10), tmp_path / "sub" / "model" / "mobilenet.pth")
+    assert main(["grade", str(tmp_path / "sub")]) == 2
+    assert "is a torch.nn.modules.linear.Linear, not a torchvision MobileNetV2" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["grade", str(tmp_path / "empty")]) == 2
+    assert "no model/mobilenet.pth" in capsys.readouterr().err
+
+
+def test_pte_with_wrong_input_shape_is_refused(tmp_path):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
+    program = to_edge_transform_and_lower(torch.export.export(model, (torch.zeros(1, 3, 8, 8),)),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    (tmp_path / "small.pte").write_bytes(program.buffer)
+    with pytest.raises(Exception, match=r"input is \(1, 3, 8, 8\)"):
+        PteModel(tmp_path / "small.pte")
+    (tmp_path / "junk.pte").write_bytes(b"not a program")
+    with pytest.raises(Exception, match="not a loadable ExecuTorch program"):
+        PteModel(tmp_path / "junk.pte")
+
+
+def test_evaluate_on_real_test_images(pruned_model, tmp_path):
+    folder = real_data_or_skip()
+    from mobileprune.data import read_cifar_bin
+
+    images, labels = read_cifar_bin(folder / "test_batch.bin")
+    acc = evaluate.accuracy(pruned_model, images[:50], labels[:50])
+    assert 0.0 <= acc <= 1.0
+    predictions = evaluate.predict(pruned_model, images[:50])
+    assert predictions.shape == (50,) and predictions.max() < 10
