@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -40,33 +41,28 @@ def _time(call, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
-def _bench_one(path: str, threads: tuple[int, ...], warmup: int, repeats: int, trust_pickle: bool) -> list[Latency]:
+def _bench_one(path: str, threads: int, warmup: int, repeats: int, trust_pickle: bool) -> Latency:
     from .export import PteModel, set_runtime_threads
     from .models import load_model
 
     image = torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE)
-    results = []
     if path.endswith(".pte"):
+        set_runtime_threads(threads)  # before anything has run on the pool: resizing a used one can abort
         pte = PteModel(path)
-        for n in threads:
-            set_runtime_threads(n)
-            results.append(Latency(path, "pte", n, *_time(lambda: pte.method.execute([image]), warmup, repeats)))
-    else:
-        model = load_model(path, trust_pickle).eval()
-        with torch.no_grad():
-            for n in threads:
-                torch.set_num_threads(n)
-                results.append(Latency(path, "eager", n, *_time(lambda: model(image), warmup, repeats)))
-    return results
+        return Latency(path, "pte", threads, *_time(lambda: pte.method.execute([image]), warmup, repeats))
+    torch.set_num_threads(threads)
+    model = load_model(path, trust_pickle).eval()
+    with torch.no_grad():
+        return Latency(path, "eager", threads, *_time(lambda: model(image), warmup, repeats))
 
 
 def bench(paths: list[str | Path], threads: tuple[int, ...] | None = None, warmup: int = 10, repeats: int = 50,
           trust_pickle: bool = False) -> list[Latency]:
     """Latency of each model file (``.pte`` through ExecuTorch, anything else eager) at each thread count.
 
-    Each file is measured in a fresh process: ExecuTorch's XNNPACK thread pool and torch's OpenMP
-    pool in one process deadlock once the former has been resized, and a fresh process is also
-    the fair comparison (no warm caches from the previous model).
+    Each (file, thread count) is measured in a fresh process: ExecuTorch's XNNPACK thread pool
+    aborts or deadlocks when resized after use or when torch's OpenMP pool ran before it in the
+    same process, and a fresh process is also the fair comparison (no caches warmed by another model).
     """
     threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
     for path in map(Path, paths):
@@ -75,8 +71,12 @@ def bench(paths: list[str | Path], threads: tuple[int, ...] | None = None, warmu
     results = []
     context = multiprocessing.get_context("spawn")
     for path in paths:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            results += pool.submit(_bench_one, str(path), threads, warmup, repeats, trust_pickle).result()
+        for n in threads:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                try:
+                    results.append(pool.submit(_bench_one, str(path), n, warmup, repeats, trust_pickle).result())
+                except BrokenProcessPool:
+                    raise MobilepruneError(f"{path}: the benchmark process died ({n} threads)") from None
     return results
 
 

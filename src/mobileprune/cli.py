@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_data_args(p)
 
+    p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
+    p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
+    p.add_argument("--recipe", default="baseline", help="recipe with a [finegrained] table (default: baseline)")
+    p.add_argument("--target-size", type=float, help="fraction of dense size, e.g. 0.25 (overrides the recipe)")
+    p.add_argument("--sparsity-json", help="per-layer sparsities by hand ({param_name: sparsity}); skips the scan")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/finegrained)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_data_args(p)
+
     p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
@@ -184,6 +194,41 @@ def cmd_grade(args) -> None:
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
 
 
+def _baseline(args, recipe: dict):
+    from .models import load_model
+
+    path = Path(args.baseline or Path("runs") / recipe["name"] / "baseline" / "mobilenet.pth")
+    if not args.baseline and not path.is_file():
+        raise MobilepruneError(f"{path}: no baseline yet; train one (mobileprune train --recipe {recipe['name']}) "
+                               "or pass --baseline MODEL")
+    return load_model(path, args.trust_pickle)
+
+
+def cmd_finegrained(args) -> None:
+    from .finegrained import run_finegrained
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    settings = section(recipe, "finegrained")
+    if args.target_size is not None:
+        if not 0 < args.target_size < 1:
+            raise MobilepruneError(f"--target-size {args.target_size} must be a fraction between 0 and 1")
+        settings["target_size"] = args.target_size
+    sparsity = None
+    if args.sparsity_json:
+        try:
+            sparsity = json.loads(Path(args.sparsity_json).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MobilepruneError(f"{args.sparsity_json}: cannot read a JSON sparsity dict ({e})") from None
+    baseline = _baseline(args, recipe)
+    out = Path(args.out or Path("runs") / recipe["name"] / "finegrained")
+    summary = run_finegrained(baseline, load_data(args, recipe), settings, out, device=args.device or _auto_device(),
+                              sparsity=sparsity, progress=not args.no_progress)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/mobilenet.pth, sparsity.json, plots/, summary.md "
+          f"({summary['relative_size_after']:.2%} of dense size)")
+
+
 def cmd_bench(args) -> None:
     from dataclasses import asdict
 
@@ -194,7 +239,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "finegrained": cmd_finegrained}
 
 
 def main(argv: list[str] | None = None) -> int:

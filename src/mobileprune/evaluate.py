@@ -45,8 +45,12 @@ def lab_score(mflops: float, accuracy: float) -> float:
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_size: int = 250,
-            device: str | torch.device = "cpu", progress: bool = False, desc: str = "eval") -> torch.Tensor:
-    """Predicted classes of uint8 CIFAR images; ``model`` is an nn.Module or a PteModel."""
+            device: str | torch.device = "cpu", progress: bool = False, desc: str = "eval",
+            size: int = INPUT_SIZE) -> torch.Tensor:
+    """Predicted classes of uint8 CIFAR images; ``model`` is an nn.Module or a PteModel.
+
+    ``size`` other than 224 is for quick CPU runs only; grading always runs at 224.
+    """
     is_module = isinstance(model, nn.Module)
     if is_module:
         model = model.to(device).eval()
@@ -54,7 +58,7 @@ def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_siz
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         batch = images[start:start + batch_size].to(device if is_module else "cpu")
-        x = preprocess(batch, INPUT_SIZE, variant)
+        x = preprocess(batch, size, variant)
         if is_module and torch.device(device).type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         predictions.append(model(x).argmax(1).cpu())

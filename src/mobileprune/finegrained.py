@@ -163,3 +163,98 @@ def allocate_sparsity(scan: dict, model: nn.Module, target_size: float, step: fl
 
 def uniform_sparsity(model: nn.Module, sparsity: float) -> dict[str, float]:
     return {name: sparsity for name in prunable_parameters(model)}
+
+
+# ----------------------------------------------------------------------------- the Part 1 pipeline
+def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Path, device: str = "cpu",
+                    sparsity: dict[str, float] | None = None, progress: bool = True) -> dict:
+    """Scan, allocate (or take ``sparsity`` by hand), prune, fine-tune with masks, measure, plot, export.
+
+    ``settings`` is a recipe's ``[finegrained]`` table: ``target_size`` (fraction of dense size),
+    ``scan_sparsities``, ``scan_images`` (validation images the scan uses), ``eval_resolution``,
+    ``distill`` (KD from the dense model while fine-tuning), ``export``/``bench`` (write the sparse
+    ``.pte`` and time it against the dense one), and a ``train`` table (a TrainConfig).
+    """
+    import copy
+
+    from .bench import bench
+    from .evaluate import accuracy
+    from .export import export_pte
+    from .models import save_pickled_model
+    from .report import plot_bars, plot_sensitivity, plot_weight_distribution
+    from .train import TrainConfig, train
+
+    settings = dict(settings)
+    train_config = TrainConfig.from_dict(settings.pop("train", {}))
+    target = float(settings.pop("target_size", 0.25))
+    scan_sparsities = tuple(settings.pop("scan_sparsities", DEFAULT_SCAN_SPARSITIES))
+    scan_images = int(settings.pop("scan_images", 1000))
+    size = int(settings.pop("eval_resolution", train_config.eval_resolution))
+    distill, do_export, do_bench = (bool(settings.pop(k, True)) for k in ("distill", "export", "bench"))
+    if settings:
+        raise MobilepruneError(f"unknown [finegrained] settings {sorted(settings)}")
+    out = Path(out_dir)
+    plots = out / "plots"
+    dense = copy.deepcopy(baseline).to(device).eval()
+    model = copy.deepcopy(baseline).to(device).eval()
+
+    def measure(m: nn.Module, split: str, limit: int | None = None) -> float:
+        images, labels = data.split(split)
+        return accuracy(m, images[:limit], labels[:limit], device=device, size=size)
+
+    summary = {"target_size": target, "dense_val": measure(model, "val"), "dense_test": measure(model, "test")}
+    plot_weight_distribution(model, plots / "weights_dense.png")
+    plot_bars({n: p.numel() for n, p in prunable_parameters(model).items()}, plots / "parameters.png",
+              "Parameters per layer", "parameters")
+    if sparsity is None:
+        scan = sensitivity_scan(model, lambda m: measure(m, "val", scan_images), scan_sparsities,
+                                cache=out / "sensitivity.json", progress=progress)
+        sparsity = allocate_sparsity(scan, model, target)
+        plot_sensitivity(scan, plots / "sensitivity.png", sparsity)
+    (out / "sparsity.json").write_text(json.dumps(sparsity, indent=1) + "\n")
+    plot_bars(sparsity, plots / "sparsity.png", "Chosen sparsity per layer", "sparsity")
+
+    pruner = FineGrainedPruner(model, sparsity)
+    summary.update(relative_size=relative_size(model), sparsity=model_sparsity(model),
+                   size_mib=model_size_bits(model, count_nonzero_only=True) / 8 / 2**20,
+                   dense_size_mib=model_size_bits(dense) / 8 / 2**20,
+                   pruned_val=measure(model, "val"), pruned_test=measure(model, "test"))
+    result = train(model, data, train_config, out / "finetune", teacher=dense if distill else None,
+                   after_step=[pruner], device=device, progress=progress, desc="fine-tune")
+    model = result.model.eval()
+    pruner.apply(model)  # the best epoch was saved masked; re-applying proves it costs nothing
+    summary.update(finetuned_val=result.best_val_accuracy, finetuned_test=measure(model, "test"),
+                   best_epoch=result.best_epoch, relative_size_after=relative_size(model))
+    plot_weight_distribution(model, plots / "weights_pruned.png")
+    save_pickled_model(model, out / "mobilenet.pth")
+    if do_export:
+        export_pte(model, out / "mobilenet.pte")
+        export_pte(dense, out / "dense.pte")
+        if do_bench:
+            timings = bench([out / "dense.pte", out / "mobilenet.pte"], warmup=5, repeats=30)
+            summary["latency_ms"] = {f"{Path(t.model).stem}@{t.threads}": t.median_ms for t in timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(finegrained_markdown(summary, len(data.test_labels)))
+    return summary
+
+
+def finegrained_markdown(s: dict, test_images: int) -> str:
+    lines = ["# Part 1: fine-grained pruning", "",
+             f"| | validation | test ({test_images} images) |", "|---|---|---|",
+             f"| dense | {s['dense_val']:.4f} | {s['dense_test']:.4f} |",
+             f"| pruned, before fine-tuning | {s['pruned_val']:.4f} | {s['pruned_test']:.4f} |",
+             f"| pruned, fine-tuned (best epoch {s['best_epoch']}) | {s['finetuned_val']:.4f} | "
+             f"{s['finetuned_test']:.4f} |", "",
+             f"Size: {s['relative_size_after']:.2%} of dense ({s['size_mib']:.2f} MiB of non-zeros against "
+             f"{s['dense_size_mib']:.2f} MiB, 32-bit; target {s['target_size']:.0%}); model sparsity "
+             f"{s['sparsity']:.2%}.", ""]
+    if "latency_ms" in s:
+        lines += ["Latency of the `.pte` (ExecuTorch/XNNPACK, median ms per image):", "",
+                  "| model | " + " | ".join(s["latency_ms"]) + " |", "|---|" + "---|" * len(s["latency_ms"]),
+                  "| | " + " | ".join(f"{v:.2f}" for v in s["latency_ms"].values()) + " |", "",
+                  "XNNPACK runs dense kernels: zeros in a weight tensor are multiplied like any other "
+                  "number, so unstructured sparsity shrinks a compressed file but not the latency. That "
+                  "is why Part 2 removes whole channels.", ""]
+    lines += ["Plots: `plots/weights_dense.png`, `plots/weights_pruned.png`, `plots/sensitivity.png`, "
+              "`plots/parameters.png`, `plots/sparsity.png`; chosen sparsities: `sparsity.json`.", ""]
+    return "\n".join(lines)
