@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _add_data_args(p)
 
+    p = sub.add_parser("prune", help="Part 2: channel pruning to an MFLOPs target, in steps with KD recovery")
+    p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
+    p.add_argument("--recipe", default="lab2-45", help="recipe with a [prune] table (default: lab2-45)")
+    p.add_argument("--target-mflops", type=float, help="override the recipe's target")
+    p.add_argument("--importance", help="override the criterion: l1, l2, taylor, hessian, bn, lamp, fpgm, random")
+    p.add_argument("--no-distill", action="store_true", help="recover without the dense teacher")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/prune)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_data_args(p)
+
     p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
@@ -229,6 +240,28 @@ def cmd_finegrained(args) -> None:
           f"({summary['relative_size_after']:.2%} of dense size)")
 
 
+def cmd_prune(args) -> None:
+    from .channel import ScheduleConfig, run_schedule
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    settings = section(recipe, "prune")
+    if args.target_mflops is not None:
+        settings["target_mflops"] = args.target_mflops
+    if args.importance:
+        settings["prune"] = {**settings.get("prune", {}), "importance": args.importance}
+    if args.no_distill:
+        settings["distill"] = False
+    config = ScheduleConfig.from_dict(settings)
+    baseline = _baseline(args, recipe)
+    out = Path(args.out or Path("runs") / recipe["name"] / "prune")
+    s = run_schedule(baseline, load_data(args, recipe), config, out, device=args.device or _auto_device(),
+                     progress=not args.no_progress)
+    print(f"{s['mflops']:.2f} MFLOPs (target {s['target_mflops']:g}), {s['params']:,} params: val "
+          f"{s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} ({s['test_images']} images)")
+    print(f"wrote {out}/mobilenet.pth, mobilenet.pte, mobilenet.pt + layout, schedule.csv/.png, channels.csv/.png")
+
+
 def cmd_bench(args) -> None:
     from dataclasses import asdict
 
@@ -239,7 +272,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from mobileprune import channel
+from mobileprune.data import load_cifar10
+from mobileprune.errors import MobilepruneError
+from mobileprune.evaluate import count_mflops
+from mobileprune.export import check_pte_matches, export_pte
+from mobileprune.models import build_mobilenet_v2, load_pickled_model, save_pickled_model
+
+from conftest import make_cifar_dir, randomize_batchnorm
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    return randomize_batchnorm(build_mobilenet_v2())
+
+
+@pytest.fixture(scope="module")
+def pruned45(dense):
+    return channel.prune_to_mflops(dense, 45.0)
+
+
+def test_lands_within_half_an_mflop_below_target(pruned45):
+    mflops, _ = count_mflops(pruned45)
+    assert 45.0 - channel.LANDING_TOLERANCE <= mflops <= 45.0
+
+
+@pytest.mark.parametrize("settings", [dict(global_pruning=True), dict(resolution_weighting=0.5)])
+def test_global_and_resolution_weighted_also_land(dense, settings):
+    mflops, _ = count_mflops(channel.prune_to_mflops(dense, 60.0, channel.PruneStepConfig(**settings)))
+    assert 60.0 - channel.LANDING_TOLERANCE <= mflops <= 60.0
+
+
+def test_resolution_weighting_prunes_early_blocks_harder(dense):
+    plain = channel.prune_to_mflops(dense, 60.0)
+    weighted = channel.prune_to_mflops(dense, 60.0, channel.PruneStepConfig(resolution_weighting=0.5))
+    early = lambda m: m.features[1].conv[0][0].out_channels + m.features[2].conv[0][0].out_channels
+    late = lambda m: m.features[16].conv[0][0].out_channels
+    assert early(weighted) < early(plain) and late(weighted) > late(plain)
+
+
+def test_result_is_a_plain_mobilenet_that_reloads_with_the_same_mflops(pruned45, tmp_path):
+    out = pruned45.eval()(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 10)  # residual connections consistent, classifier keeps 10 outputs
+    assert pruned45.classifier[-1].out_features == 10
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned45.modules())
+    save_pickled_model(pruned45, tmp_path / "mobilenet.pth")
+    plain = torch.load(tmp_path / "mobilenet.pth", weights_only=False)  # the grader's torch.load
+    safe = load_pickled_model(tmp_path / "mobilenet.pth")
+    assert count_mflops(plain) == count_mflops(safe) == count_mflops(pruned45)
+    assert torch.allclose(safe(torch.ones(1, 3, 224, 224)), pruned45(torch.ones(1, 3, 224, 224)))
+
+
+def test_pte_of_schedule_result_equals_eager(pruned45, tmp_path):
+    pte = export_pte(pruned45, tmp_path / "m.pte", check=False)
+    assert check_pte_matches(pruned45, pte, samples=2) < 1e-3
+
+
+def test_unreachable_or_bad_targets_are_clear(dense):
+    with pytest.raises(MobilepruneError, match="not below"):
+        channel.prune_to_mflops(dense, 400.0)
+    with pytest.raises(MobilepruneError, match="cannot reach 1.00 MFLOPs"):
+        channel.prune_to_mflops(dense, 1.0)
+    with pytest.raises(MobilepruneError, match="unknown importance 'magic'"):
+        channel.make_importance("magic")
+    with pytest.raises(MobilepruneError, match="needs training data"):
+        channel.prune_to_mflops(dense, 100.0, channel.PruneStepConfig(importance="taylor"))
+
+
+def test_step_targets_fall_geometrically_to_the_target():
+    targets = channel.step_targets(320.0, 20.0, 4)
+    assert targets[-1] == 20.0 and len(targets) == 4
+    ratios = [b / a for a, b in zip([320.0] + targets, targets)]
+    assert all(r == pytest.approx(0.5) for r in ratios)
+
+
+TINY_TRAIN = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32,
+                  eval_batch_size=50, kd_alpha=0.5)
+
+
+def test_two_step_schedule_runs_and_resumes(dense, tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=16, test=8), val_size=20)
+    config = channel.ScheduleConfig(target_mflops=100.0, steps=2, finetune=TINY_TRAIN, export=False,
+                                    prune=dict(importance="taylor", gradient_batches=1, gradient_batch_size=4))
+    out = tmp_path / "run"
+    summary = channel.run_schedule(dense, data, config, out, progress=False)
+    assert 100.0 - channel.LANDING_TOLERANCE <= summary["mflops"] <= 100.0
+    assert (out / "schedule.png").is_file() and (out / "channels.csv").is_file()
+    step1 = (out / "step_1" / "pruned.pt").stat().st_mtime_ns
+    (out / "step_2" / "done.json").unlink()  # as if interrupted during step 2's fine-tune
+    again = channel.run_schedule(dense, data, config, out, progress=False)
+    assert (out / "step_1" / "pruned.pt").stat().st_mtime_ns == step1  # step 1 not redone
+    assert again["mflops"] == summary["mflops"]
+    rows = (out / "schedule.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header, dense, two steps
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+def test_gradient_criteria_prune_and_differ_from_magnitude(dense, tmp_path, criterion):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=4)
+    config = channel.PruneStepConfig(importance=criterion, gradient_batches=1, gradient_batch_size=4)
+    pruned = channel.prune_to_mflops(dense, 150.0, config, data)
+    assert 150.0 - channel.LANDING_TOLERANCE <= count_mflops(pruned)[0] <= 150.0
