@@ -98,7 +98,7 @@ def test_two_step_schedule_runs_and_resumes(dense, tmp_path):
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "hessian"])
-def test_gradient_criteria_prune_and_differ_from_magnitude(dense, tmp_path, criterion):
+def test_gradient_criteria_land_on_target(dense, tmp_path, criterion):
     data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=4)
     config = channel.PruneStepConfig(importance=criterion, gradient_batches=1, gradient_batch_size=4)
     pruned = channel.prune_to_mflops(dense, 150.0, config, data)

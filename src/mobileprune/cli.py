@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _add_data_args(p)
 
+    p = sub.add_parser("run", help="the whole pipeline from one recipe: baseline, Part 1, Part 2, grade, report")
+    p.add_argument("--recipe", default="quick", help="recipe name or .toml path (default: quick)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--grade-limit", type=_positive, help="grade on the first N test images (default: the recipe's "
+                                                          "test_limit, else all)")
+    _add_data_args(p)
+
     p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
@@ -262,6 +270,17 @@ def cmd_prune(args) -> None:
     print(f"wrote {out}/mobilenet.pth, mobilenet.pte, mobilenet.pt + layout, schedule.csv/.png, channels.csv/.png")
 
 
+def cmd_run(args) -> None:
+    from .data import find_data_dir
+    from .pipeline import run_pipeline
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    limit = args.grade_limit or recipe.get("data", {}).get("test_limit")
+    run_pipeline(recipe, find_data_dir(args.data, download=args.download), Path(args.out or Path("runs") / recipe["name"]),
+                 device=args.device or _auto_device(), progress=not args.no_progress, grade_limit=limit)
+
+
 def cmd_bench(args) -> None:
     from dataclasses import asdict
 
@@ -272,7 +291,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

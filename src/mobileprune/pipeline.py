@@ -1,0 +1,105 @@
+"""The whole job from one recipe: baseline (if missing) -> Part 1 -> Part 2 -> hand-in -> grade -> report.
+
+Every stage writes under ``runs/<recipe>/`` and is skipped when its output is already there, so a
+second ``mobileprune run`` resumes where the first stopped.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import MobilepruneError
+
+
+def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, device: str = "cpu",
+                 progress: bool = True, grade_limit: int | None = None, log=print) -> Path:
+    """Run every stage of ``recipe`` on the CIFAR-10 folder ``data_dir``; returns the report's path.
+
+    The hand-in is graded on ``data_dir``'s test batch (its first ``grade_limit`` images).
+    """
+    from .channel import ScheduleConfig, run_schedule
+    from .data import load_cifar10
+    from .evaluate import accuracy, count_mflops, format_grade, grade
+    from .finegrained import run_finegrained
+    from .models import build_mobilenet_v2, load_model, save_pickled_model
+    from .train import TrainConfig, train
+
+    root = Path(out_root)
+    data = load_cifar10(Path(data_dir), **recipe.get("data", {}))
+    baseline_pth = root / "baseline" / "mobilenet.pth"
+    if not baseline_pth.is_file():
+        if "baseline" not in recipe:
+            raise MobilepruneError(f"{baseline_pth}: no baseline and recipe {recipe['name']!r} has no [baseline]")
+        log(f"[1/4] training the dense baseline ({recipe['name']} recipe) -> {baseline_pth.parent}")
+        result = train(build_mobilenet_v2(), data, TrainConfig.from_dict(recipe["baseline"]), root / "baseline",
+                       resume=True, device=device, progress=progress, desc="baseline")
+        save_pickled_model(result.model, baseline_pth)
+        test = accuracy(result.model, data.test_images, data.test_labels, device=device,
+                        size=TrainConfig.from_dict(recipe["baseline"]).eval_resolution)
+        (root / "baseline" / "summary.json").write_text(json.dumps(
+            {"val_accuracy": result.best_val_accuracy, "test_accuracy": test, "best_epoch": result.best_epoch,
+             "mflops": count_mflops(result.model)[0]}, indent=1) + "\n")
+    else:
+        log(f"[1/4] baseline found: {baseline_pth}")
+    baseline = load_model(baseline_pth)
+
+    if "finegrained" in recipe and not (root / "finegrained" / "summary.json").is_file():
+        log("[2/4] Part 1: fine-grained pruning")
+        run_finegrained(baseline, data, recipe["finegrained"], root / "finegrained", device=device, progress=progress)
+    else:
+        log("[2/4] Part 1: " + ("done already" if "finegrained" in recipe else "not in this recipe"))
+
+    if "prune" not in recipe:
+        raise MobilepruneError(f"recipe {recipe['name']!r} has no [prune] table: nothing to hand in")
+    if not (root / "prune" / "summary.json").is_file():
+        log("[3/4] Part 2: channel pruning")
+        run_schedule(baseline, data, ScheduleConfig.from_dict(recipe["prune"]), root / "prune", device=device,
+                     progress=progress)
+    else:
+        log("[3/4] Part 2: done already")
+
+    submission = root / "submission"
+    (submission / "model").mkdir(parents=True, exist_ok=True)
+    for name in ("mobilenet.pth", "mobilenet.pte"):
+        if (root / "prune" / name).is_file():
+            shutil.copy(root / "prune" / name, submission / "model" / name)
+    log(f"[4/4] grading the hand-in {submission}")
+    result = grade(submission, data=data_dir, limit=grade_limit, device=device, progress=progress)
+    (root / "grade.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    (root / "grade.txt").write_text(format_grade(result) + "\n")
+    log(format_grade(result))
+    report = write_run_report(root)
+    log(f"report: {report}")
+    return report
+
+
+def write_run_report(root: str | Path) -> Path:
+    """``REPORT.md`` of one run folder, from the summaries its stages wrote."""
+    root = Path(root)
+
+    def read(path: str) -> dict | None:
+        p = root / path
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    lines = [f"# mobileprune run: {root}", ""]
+    base = read("baseline/summary.json")
+    if base:
+        lines += ["## Dense baseline", "", f"Validation {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f} "
+                  f"(best epoch {base['best_epoch']}), {base['mflops']:.2f} MFLOPs.", ""]
+    if (root / "finegrained" / "summary.md").is_file():
+        body = (root / "finegrained" / "summary.md").read_text().split("\n", 2)[2]
+        lines += ["## Part 1: fine-grained pruning", "", body.replace("`plots/", "`finegrained/plots/"), ""]
+    prune = read("prune/summary.json")
+    if prune:
+        lines += ["## Part 2: channel pruning", "",
+                  f"{prune['mflops']:.2f} MFLOPs (target {prune['target_mflops']:g}), {prune['params']:,} parameters;"
+                  f" validation {prune['val_accuracy']:.4f}, test {prune['test_accuracy']:.4f} "
+                  f"({prune['test_images']} images); distillation {'on' if prune['distill'] else 'off'}.", "",
+                  "Schedule: `prune/schedule.csv`, `prune/schedule.png`; channels per layer: `prune/channels.csv`, "
+                  "`prune/channels.png`.", ""]
+    if (root / "grade.txt").is_file():
+        lines += ["## Hand-in, graded as the lab does", "", "```", (root / "grade.txt").read_text().rstrip(), "```", ""]
+    path = root / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
