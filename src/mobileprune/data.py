@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MobilepruneError
+from .errors import MobilepruneError, first_line
 
 RECORD_BYTES = 3073  # 1 label byte + 3 * 32 * 32 pixel bytes
 NUM_CLASSES = 10
@@ -68,7 +68,7 @@ def read_cifar_pickle(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     except MobilepruneError:
         raise
     except Exception as e:  # truncated pickle, wrong keys, ...
-        raise MobilepruneError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        raise MobilepruneError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {first_line(e)})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise MobilepruneError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} "
                                f"and {labels.shape[0]}")
@@ -139,7 +139,7 @@ def _download(root: Path) -> Path:
     try:
         torchvision.datasets.CIFAR10(str(root), train=True, download=True)
     except Exception as e:  # no network, ...
-        raise MobilepruneError(f"could not download CIFAR-10 into {root}: {e}") from None
+        raise MobilepruneError(f"could not download CIFAR-10 into {root}: {first_line(e)}") from None
     return root / "cifar-10-batches-py"
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .data import INPUT_SIZE
-from .errors import MobilepruneError
+from .errors import MobilepruneError, first_line
 
 # A float32 graph run by XNNPACK sums in another order than ATen does; anything above this,
 # relative to the largest logit, is a real export bug, not rounding.
@@ -58,7 +58,7 @@ class PteModel:
             program = Runtime.get().load_program(self.path)
             self.method = program.load_method("forward")
         except Exception as e:
-            raise MobilepruneError(f"{self.path}: not a loadable ExecuTorch program ({e})") from None
+            raise MobilepruneError(f"{self.path}: not a loadable ExecuTorch program ({first_line(e)})") from None
         shape = tuple(self.method.metadata.input_tensor_meta(0).sizes())
         if shape != (1, 3, INPUT_SIZE, INPUT_SIZE):
             raise MobilepruneError(f"{self.path}: input is {shape}, the lab's runner feeds (1, 3, 224, 224)")

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torchvision.models import mobilenetv2
 
-from .errors import MobilepruneError
+from .errors import MobilepruneError, first_line
 
 NUM_CLASSES = 10
 LAYOUT_VERSION = 1
@@ -70,8 +70,7 @@ def load_pickled_model(path: str | Path, trust_pickle: bool = False) -> nn.Modul
     except MobilepruneError:
         raise
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MobilepruneError(f"{path}: cannot load ({first_line})") from None
+        raise MobilepruneError(f"{path}: cannot load ({first_line(e)})") from None
     if isinstance(obj, dict):
         raise MobilepruneError(f"{path}: holds a state_dict, not a whole model; rebuild it with its channel layout "
                                "(load_state_dict_with_layout)")
@@ -157,8 +156,7 @@ def load_state_with_layout(weights: str | Path, layout: str | Path | None = None
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MobilepruneError(f"{weights}: does not fit {layout.name} ({first_line})") from None
+        raise MobilepruneError(f"{weights}: does not fit {layout.name} ({first_line(e)})") from None
     return model
 
 

@@ -24,40 +24,42 @@ def _short(name: str) -> str:
     return name.removesuffix(".weight").replace("features.", "f").replace(".conv.", ".").replace("classifier", "fc")
 
 
-def plot_weight_distribution(model: nn.Module, path: str | Path, bins: int = 128) -> Path:
-    """Histogram of each prunable layer's weights (the lab's first question)."""
-    params = [(n, p.detach().cpu().flatten().numpy()) for n, p in model.named_parameters() if p.dim() > 1]
+def _layer_grid(names: list[str], draw, path: str | Path, title: str, sharey: bool = False) -> Path:
+    """One small panel per layer, eight to a row; ``draw(ax, name)`` fills a panel."""
     cols = 8
-    rows = -(-len(params) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows))
-    for ax, (name, w) in zip(axes.flat, params):
-        w = w[w != 0]
-        ax.hist(w, bins=bins, color="tab:blue", density=True)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), sharey=sharey)
+    for ax, name in zip(axes.flat, names):
+        draw(ax, name)
         ax.set_title(_short(name), fontsize=7)
         ax.tick_params(labelsize=5)
-    for ax in list(axes.flat)[len(params):]:
+    for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Weight distribution per layer (non-zero weights)")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
+def plot_weight_distribution(model: nn.Module, path: str | Path, bins: int = 128) -> Path:
+    """Histogram of each prunable layer's non-zero weights (the lab's first question)."""
+    weights = {n: p.detach().cpu().flatten().numpy() for n, p in model.named_parameters() if p.dim() > 1}
+
+    def draw(ax, name):
+        w = weights[name]
+        ax.hist(w[w != 0], bins=bins, color="tab:blue", density=True)
+
+    return _layer_grid(list(weights), draw, path, "Weight distribution per layer (non-zero weights)")
+
+
 def plot_sensitivity(scan: dict, path: str | Path, chosen: dict[str, float] | None = None) -> Path:
-    names = list(scan["accuracy"])
-    cols = 8
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), sharey=True)
-    for ax, name in zip(axes.flat, names):
+    def draw(ax, name):
         ax.plot(scan["sparsities"], scan["accuracy"][name], "o-", ms=2)
         ax.axhline(scan["dense"], color="grey", lw=0.6, ls="--")
         if chosen and name in chosen:
             ax.axvline(chosen[name], color="tab:red", lw=0.8)
         ax.set_xlim(0, 1)
-        ax.set_title(_short(name), fontsize=7)
-        ax.tick_params(labelsize=5)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle("Sensitivity: validation accuracy with one layer pruned (red: chosen sparsity)")
-    return _save(fig, path)
+
+    return _layer_grid(list(scan["accuracy"]), draw, path,
+                       "Sensitivity: validation accuracy with one layer pruned (red: chosen sparsity)", sharey=True)
 
 
 def plot_bars(values: dict[str, float], path: str | Path, title: str, ylabel: str) -> Path:
