@@ -104,3 +104,30 @@ def test_evaluate_on_real_test_images(pruned_model, tmp_path):
     assert 0.0 <= acc <= 1.0
     predictions = evaluate.predict(pruned_model, images[:50])
     assert predictions.shape == (50,) and predictions.max() < 10
+
+
+def test_package_writes_the_labs_layout_and_grades_it(tmp_path, pruned_model, pruned_pte, cifar_dir):
+    from mobileprune.package import package
+
+    model_dir = tmp_path / "m"
+    save_pickled_model(pruned_model, model_dir / "mobilenet.pth")
+    shutil.copy(pruned_pte, model_dir / "mobilenet.pte")
+    (tmp_path / "nb.ipynb").write_text("{}")
+    archive, result = package("0000000", model_dir, tmp_path, notebook=tmp_path / "nb.ipynb",
+                              runner=tmp_path / "none", data=cifar_dir, progress=False)
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["0000000.ipynb", "model/mobilenet.pte", "model/mobilenet.pth"]
+    assert result.images == 40 and result.pte_accuracy == result.pth_accuracy
+    assert any("no runner" in n for n in result.notes)
+
+
+def test_package_refuses_a_pte_that_is_not_its_pth(tmp_path, pruned_pte, capsys):
+    from conftest import tp_pruned_model
+
+    other = tp_pruned_model(seed=1)
+    save_pickled_model(other, tmp_path / "m" / "mobilenet.pth")
+    shutil.copy(pruned_pte, tmp_path / "m" / "mobilenet.pte")
+    assert main(["package", "--id", "0000000", "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path)]) == 2
+    assert "ExecuTorch output differs from eager" in capsys.readouterr().err
+    assert main(["package", "--id", "../x", "--model-dir", str(tmp_path / "m")]) == 2
+    assert "student id '../x'" in capsys.readouterr().err

@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "test_limit, else all)")
     _add_data_args(p)
 
+    p = sub.add_parser("package", help="write STUDENT_ID.zip in the lab's layout, then grade it as the lab will")
+    p.add_argument("--id", required=True, dest="student_id", help="student id: names the zip and the notebook")
+    p.add_argument("--model-dir", default="runs/quick/submission/model",
+                   help="folder with mobilenet.pth and mobilenet.pte (default: runs/quick/submission/model)")
+    p.add_argument("--out", default=".", help="folder for the zip (default: .)")
+    p.add_argument("--notebook", help="notebook to include (default: notebooks/lab2.ipynb if present)")
+    p.add_argument("--runner", help="runner binary to include (default: build/xnn_executor_runner if built)")
+    p.add_argument("--grade-limit", type=_positive, help="grade on the first N test images only")
+    _add_data_args(p)
+
     p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
@@ -281,6 +291,17 @@ def cmd_run(args) -> None:
                  device=args.device or _auto_device(), progress=not args.no_progress, grade_limit=limit)
 
 
+def cmd_package(args) -> None:
+    from .evaluate import format_grade
+    from .package import package
+
+    archive, result = package(args.student_id, args.model_dir, args.out, args.notebook, args.runner, args.data,
+                              args.grade_limit, progress=not args.no_progress)
+    with __import__("zipfile").ZipFile(archive) as z:
+        print(f"wrote {archive}: " + ", ".join(z.namelist()))
+    print(format_grade(result))
+
+
 def cmd_bench(args) -> None:
     from dataclasses import asdict
 
@@ -291,7 +312,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run, "package": cmd_package}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,66 @@
+"""The hand-in zip, in exactly the lab's layout, graded the way the lab's graders will grade it.
+
+``STUDENT_ID.zip``: ``model/mobilenet.pth``, ``model/mobilenet.pte``, ``xnn_executor_runner`` (when
+one is given or built) and ``STUDENT_ID.ipynb`` (when a notebook is given or present). Before
+writing it we refuse a model that is not a torchvision MobileNetV2 or whose ``.pte`` disagrees with
+its ``.pth``; after, we unpack it, add ``data/test_batch.bin`` and grade it.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import MobilepruneError
+
+DEFAULT_NOTEBOOK = Path("notebooks/lab2.ipynb")
+DEFAULT_RUNNER = Path("build/xnn_executor_runner")
+
+
+def package(student_id: str, model_dir: str | Path, out_dir: str | Path = ".", notebook: str | Path | None = None,
+            runner: str | Path | None = None, data: str | Path | None = None, grade_limit: int | None = None,
+            progress: bool = True):
+    """Write ``out_dir/STUDENT_ID.zip`` from ``model_dir`` (holding mobilenet.pth/.pte); return (zip, grade)."""
+    from .data import TEST_BIN, find_data_dir
+    from .evaluate import grade
+    from .export import check_pte_matches
+    from .models import load_pickled_model
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", student_id):
+        raise MobilepruneError(f"student id {student_id!r} must be letters, digits, '_' or '-'")
+    model_dir = Path(model_dir)
+    pth, pte = model_dir / "mobilenet.pth", model_dir / "mobilenet.pte"
+    for path in (pth, pte):
+        if not path.is_file():
+            raise MobilepruneError(f"{path}: no such file (export the model first: mobileprune export MODEL --out DIR)")
+    model = load_pickled_model(pth)  # refuses anything but a torchvision MobileNetV2
+    check_pte_matches(model, pte)  # refuses a .pte that is not this .pth
+    members = {"model/mobilenet.pth": pth, "model/mobilenet.pte": pte}
+    notes = []
+    runner = Path(runner) if runner else DEFAULT_RUNNER
+    if runner.is_file():
+        members["xnn_executor_runner"] = runner
+    else:
+        notes.append(f"no runner at {runner}: the zip holds none")
+    notebook = Path(notebook) if notebook else DEFAULT_NOTEBOOK
+    if notebook.is_file():
+        members[f"{student_id}.ipynb"] = notebook
+    else:
+        notes.append(f"no notebook at {notebook}: the zip holds none")
+    archive = Path(out_dir) / f"{student_id}.zip"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, path in members.items():
+            z.write(path, name)
+    # "Go through the evaluation steps yourself before submission": unpack, add the data, grade.
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+        (Path(tmp) / "data").mkdir()
+        shutil.copy(find_data_dir(data) / TEST_BIN, Path(tmp) / "data" / TEST_BIN)
+        result = grade(tmp, limit=grade_limit, progress=progress)
+    result.submission = str(archive)
+    result.notes = notes + result.notes
+    return archive, result
