@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 RECIPE ?= quick
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean runner
 
 venv: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(VENV)/bin/mobileprune run --recipe $(RECIPE)
 
-test: venv
+test: venv runner
 	$(PY) -m pytest -q
+
+# The lab's native runner, built against the executorch wheel's headers and libraries.
+runner: venv
+	cmake -S runner -B build -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import executorch; print(list(executorch.__path__)[0])') > /dev/null
+	cmake --build build -j2
 
 clean:
 	rm -rf runs build .pytest_cache
