@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 RECIPE ?= quick
 
-.PHONY: run test venv clean runner
+.PHONY: run test venv clean runner runner-aarch64 test-aarch64
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ runner: venv
 	cmake -S runner -B build -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import executorch; print(list(executorch.__path__)[0])') > /dev/null
 	cmake --build build -j2
+
+# Raspberry Pi (aarch64) build of the runner, and a check of it under qemu (slow: ~3 s an image).
+runner-aarch64: venv
+	PY=$(PY) runner/aarch64.sh build
+
+test-aarch64: venv runner
+	PY=$(PY) runner/aarch64.sh test
 
 clean:
 	rm -rf runs build .pytest_cache

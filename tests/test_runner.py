@@ -67,3 +67,11 @@ def test_clear_errors(runner, pruned_pte, tmp_path):
     (tmp_path / "small.pte").write_bytes(program.buffer)
     out = run(runner, "--model_path", tmp_path / "small.pte", "--data", tmp_path / "t.bin")
     assert out.returncode == 2 and "input is not 1x3x224x224" in out.stderr
+
+
+def test_bench_times_pte_through_the_runner(runner, pruned_pte, cifar_dir):
+    from mobileprune.bench import bench
+
+    results = bench([pruned_pte], threads=(1,), warmup=2, repeats=5, runner=runner, data=cifar_dir)
+    assert [(r.kind, r.threads) for r in results] == [("pte", 1), ("native", 1)]
+    assert all(0 < r.median_ms <= r.p90_ms for r in results)

@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
     p.add_argument("--warmup", type=_positive, default=10)
     p.add_argument("--repeats", type=_positive, default=50)
+    p.add_argument("--runner", help="also time each .pte through this native runner (e.g. build/xnn_executor_runner)")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--json", action="store_true")
+    _add_data_args(p)
     return parser
 
 
@@ -307,7 +309,7 @@ def cmd_bench(args) -> None:
 
     from .bench import bench, format_bench
 
-    results = bench(args.models, args.threads, args.warmup, args.repeats, args.trust_pickle)
+    results = bench(args.models, args.threads, args.warmup, args.repeats, args.trust_pickle, args.runner, args.data)
     print(json.dumps([asdict(r) for r in results], indent=1) if args.json else format_bench(results))
 
 
