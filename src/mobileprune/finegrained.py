@@ -161,10 +161,6 @@ def allocate_sparsity(scan: dict, model: nn.Module, target_size: float, step: fl
     return {name: float(grid[i]) for name, i in level.items()}
 
 
-def uniform_sparsity(model: nn.Module, sparsity: float) -> dict[str, float]:
-    return {name: sparsity for name in prunable_parameters(model)}
-
-
 # ----------------------------------------------------------------------------- the Part 1 pipeline
 def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Path, device: str = "cpu",
                     sparsity: dict[str, float] | None = None, progress: bool = True) -> dict:
