@@ -138,11 +138,18 @@ def _prune_copy(model: nn.Module, ratio: float, config: PruneStepConfig, importa
     return candidate
 
 
-def _search_ratio(target_mflops: float, prune, high: float, iterations: int) -> tuple[nn.Module | None, nn.Module]:
-    """Bisection on the ratio: (the last candidate above target or None, the best one at or below it)."""
+def _search_ratio(target_mflops: float, prune, high: float,
+                  iterations: int) -> tuple[nn.Module | None, nn.Module, float]:
+    """Bisection on the ratio, starting from ``prune(high)``.
+
+    Returns (the last candidate above target or None, the best candidate, its MFLOPs); the best is
+    above ``target_mflops`` only when even ``prune(high)`` is.
+    """
     low, above = 0.0, None
     best = prune(high)
     best_mflops = count_mflops(best)[0]
+    if best_mflops > target_mflops:
+        return None, best, best_mflops
     for _ in range(iterations):
         if target_mflops - best_mflops <= LANDING_TOLERANCE / 4:
             break
@@ -153,7 +160,7 @@ def _search_ratio(target_mflops: float, prune, high: float, iterations: int) -> 
             high, best, best_mflops = mid, candidate, mflops
         else:
             low, above = mid, candidate
-    return above, best
+    return above, best, best_mflops
 
 
 def prune_to_mflops(model: nn.Module, target_mflops: float, config: PruneStepConfig | None = None, data=None,
@@ -178,24 +185,24 @@ def prune_to_mflops(model: nn.Module, target_mflops: float, config: PruneStepCon
         if data is None:
             raise MobilepruneError(f"{config.importance} importance needs training data for its gradients")
         hessian = _accumulate_gradients(model, config, importance, data, device)
-    top = _prune_copy(model, config.max_pruning_ratio, config, importance, hessian)
-    if count_mflops(top)[0] > target_mflops:
+    above, best, best_mflops = _search_ratio(
+        target_mflops, lambda r: _prune_copy(model, r, config, importance, hessian), config.max_pruning_ratio,
+        config.search_iterations)
+    if best_mflops > target_mflops:
         raise MobilepruneError(f"cannot reach {target_mflops:.2f} MFLOPs: at max_pruning_ratio "
-                               f"{config.max_pruning_ratio} the model still has {count_mflops(top)[0]:.2f}; raise "
+                               f"{config.max_pruning_ratio} the model still has {best_mflops:.2f}; raise "
                                "max_pruning_ratio or take more steps")
-    above, best = _search_ratio(target_mflops, lambda r: _prune_copy(model, r, config, importance, hessian),
-                                config.max_pruning_ratio, config.search_iterations)
-    if target_mflops - count_mflops(best)[0] > LANDING_TOLERANCE and above is not None:
+    if target_mflops - best_mflops > LANDING_TOLERANCE and above is not None:
         finish = PruneStepConfig(importance="l2", max_pruning_ratio=config.max_pruning_ratio, round_to=config.round_to)
         l2 = make_importance("l2")
-        _, finished = _search_ratio(target_mflops, lambda r: _prune_copy(above, r, finish, l2, global_pruning=True,
-                                                                          frozen_blocks=FINISH_FROZEN_BLOCKS),
-                                    0.2, config.search_iterations)
-        if count_mflops(best)[0] < count_mflops(finished)[0] <= target_mflops:
-            best = finished
+        _, finished, finished_mflops = _search_ratio(
+            target_mflops, lambda r: _prune_copy(above, r, finish, l2, global_pruning=True,
+                                                 frozen_blocks=FINISH_FROZEN_BLOCKS), 0.2, config.search_iterations)
+        if best_mflops < finished_mflops <= target_mflops:
+            best, best_mflops = finished, finished_mflops
     model.zero_grad(set_to_none=True)
-    if count_mflops(best)[0] >= start:  # Torch-Pruning has returned unpruned models before (its issue #303)
-        raise MobilepruneError(f"pruning did not lower MFLOPs ({start:.2f} -> {count_mflops(best)[0]:.2f})")
+    if best_mflops >= start:  # Torch-Pruning has returned unpruned models before (its issue #303)
+        raise MobilepruneError(f"pruning did not lower MFLOPs ({start:.2f} -> {best_mflops:.2f})")
     return best
 
 
