@@ -51,3 +51,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "bad.toml: not valid TOML" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "x.pte", "--threads", "0"])
+
+
+def test_cli_train_writes_the_baseline_and_its_summary(tmp_path, capsys):
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("[data]\nval_size = 10\n\n[baseline]\n" +
+                      "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in TINY.items()))
+    out = tmp_path / "base"
+    assert main(["--no-progress", "train", "--recipe", str(recipe), "--data", str(folder), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "tiny" and summary["best_epoch"] == 1 and summary["test_images"] == 6
+    assert summary["mflops"] == pytest.approx(318.969098)
+    assert (out / "mobilenet.pth").is_file() and "best epoch 1" in capsys.readouterr().out

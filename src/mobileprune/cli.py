@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 from .errors import MobilepruneError
@@ -145,29 +146,15 @@ def load_data(args, recipe: dict | None = None):
 
 
 def cmd_train(args) -> None:
-    from .evaluate import accuracy, count_mflops
-    from .models import build_mobilenet_v2, save_pickled_model
-    from .recipes import load_recipe, section
-    from .train import TrainConfig, train
+    from .pipeline import train_baseline
+    from .recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
-    config = TrainConfig.from_dict(section(recipe, "baseline"))
-    if args.epochs:
-        config.epochs = args.epochs
     out = Path(args.out or Path("runs") / recipe["name"] / "baseline")
-    data = load_data(args, recipe)
-    device = args.device or _auto_device()
-    result = train(build_mobilenet_v2(), data, config, out, resume=args.resume, device=device,
-                   progress=not args.no_progress, desc="baseline")
-    test_accuracy = accuracy(result.model, data.test_images, data.test_labels, device=device)
-    save_pickled_model(result.model, out / "mobilenet.pth")
-    mflops, params = count_mflops(result.model)
-    summary = {"recipe": recipe["name"], "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
-               "test_accuracy": test_accuracy, "test_images": len(data.test_labels), "mflops": mflops,
-               "params": params}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"best epoch {result.best_epoch}: val {result.best_val_accuracy:.4f}, test {test_accuracy:.4f} "
-          f"({len(data.test_labels)} images); wrote {out}/mobilenet.pth and best.pt")
+    s = train_baseline(recipe, load_data(args, recipe), out, device=args.device or _auto_device(),
+                       resume=args.resume, epochs=args.epochs, progress=not args.no_progress)
+    print(f"best epoch {s['best_epoch']}: val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} "
+          f"({s['test_images']} images); wrote {out}/mobilenet.pth and best.pt")
 
 
 def _auto_device() -> str:
@@ -299,7 +286,7 @@ def cmd_package(args) -> None:
 
     archive, result = package(args.student_id, args.model_dir, args.out, args.notebook, args.runner, args.data,
                               args.grade_limit, progress=not args.no_progress)
-    with __import__("zipfile").ZipFile(archive) as z:
+    with zipfile.ZipFile(archive) as z:
         print(f"wrote {archive}: " + ", ".join(z.namelist()))
     print(format_grade(result))
 

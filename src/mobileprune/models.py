@@ -73,7 +73,7 @@ def load_pickled_model(path: str | Path, trust_pickle: bool = False) -> nn.Modul
         raise MobilepruneError(f"{path}: cannot load ({first_line(e)})") from None
     if isinstance(obj, dict):
         raise MobilepruneError(f"{path}: holds a state_dict, not a whole model; rebuild it with its channel layout "
-                               "(load_state_dict_with_layout)")
+                               "(mobileprune.models.load_state_with_layout)")
     check_mobilenet_v2(obj, path)
     return obj
 

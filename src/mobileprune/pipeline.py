@@ -12,6 +12,33 @@ from pathlib import Path
 from .errors import MobilepruneError
 
 
+def train_baseline(recipe: dict, data, out_dir: str | Path, device: str = "cpu", resume: bool = True,
+                   epochs: int | None = None, progress: bool = True) -> dict:
+    """Train the dense baseline of ``recipe``'s ``[baseline]`` table; write mobilenet.pth and summary.json.
+
+    The test accuracy is measured at the recipe's ``eval_resolution``, as its validation was.
+    """
+    from .evaluate import accuracy, count_mflops
+    from .models import build_mobilenet_v2, save_pickled_model
+    from .recipes import section
+    from .train import TrainConfig, train
+
+    config = TrainConfig.from_dict(section(recipe, "baseline"))
+    if epochs:
+        config.epochs = epochs
+    out = Path(out_dir)
+    result = train(build_mobilenet_v2(), data, config, out, resume=resume, device=device, progress=progress,
+                   desc="baseline")
+    save_pickled_model(result.model, out / "mobilenet.pth")
+    mflops, params = count_mflops(result.model)
+    summary = {"recipe": recipe["name"], "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+               "test_accuracy": accuracy(result.model, data.test_images, data.test_labels, device=device,
+                                         size=config.eval_resolution),
+               "test_images": len(data.test_labels), "mflops": mflops, "params": params}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, device: str = "cpu",
                  progress: bool = True, grade_limit: int | None = None, log=print) -> Path:
     """Run every stage of ``recipe`` on the CIFAR-10 folder ``data_dir``; returns the report's path.
@@ -20,10 +47,9 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     """
     from .channel import ScheduleConfig, run_schedule
     from .data import load_cifar10
-    from .evaluate import accuracy, count_mflops, format_grade, grade
+    from .evaluate import format_grade, grade
     from .finegrained import run_finegrained
-    from .models import build_mobilenet_v2, load_model, save_pickled_model
-    from .train import TrainConfig, train
+    from .models import load_model
 
     root = Path(out_root)
     data = load_cifar10(Path(data_dir), **recipe.get("data", {}))
@@ -32,14 +58,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
         if "baseline" not in recipe:
             raise MobilepruneError(f"{baseline_pth}: no baseline and recipe {recipe['name']!r} has no [baseline]")
         log(f"[1/4] training the dense baseline ({recipe['name']} recipe) -> {baseline_pth.parent}")
-        result = train(build_mobilenet_v2(), data, TrainConfig.from_dict(recipe["baseline"]), root / "baseline",
-                       resume=True, device=device, progress=progress, desc="baseline")
-        save_pickled_model(result.model, baseline_pth)
-        test = accuracy(result.model, data.test_images, data.test_labels, device=device,
-                        size=TrainConfig.from_dict(recipe["baseline"]).eval_resolution)
-        (root / "baseline" / "summary.json").write_text(json.dumps(
-            {"val_accuracy": result.best_val_accuracy, "test_accuracy": test, "best_epoch": result.best_epoch,
-             "mflops": count_mflops(result.model)[0]}, indent=1) + "\n")
+        train_baseline(recipe, data, root / "baseline", device=device, progress=progress)
     else:
         log(f"[1/4] baseline found: {baseline_pth}")
     baseline = load_model(baseline_pth)
