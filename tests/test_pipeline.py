@@ -4,6 +4,7 @@ import pytest
 
 from mobileprune.cli import main
 from mobileprune.pipeline import run_pipeline
+from mobileprune.report import collect_release
 
 from conftest import make_cifar_dir
 
@@ -24,8 +25,8 @@ def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     logs = []
     report = run_pipeline(recipe, folder, tmp_path / "run", progress=False, log=logs.append)
     text = report.read_text()
-    for heading in ("## Dense baseline", "## Part 1: fine-grained pruning", "## Part 2: channel pruning",
-                    "## Hand-in, graded as the lab does"):
+    for heading in ("## Dense baseline", "## Part 1: fine-grained pruning (`finegrained`)", "## Part 2: channel pruning",
+                    "## Hand-ins, graded as the lab does"):
         assert heading in text
     fine = json.loads((tmp_path / "run" / "finegrained" / "summary.json").read_text())
     assert fine["relative_size_after"] <= 0.25
@@ -37,6 +38,22 @@ def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     logs.clear()
     run_pipeline(recipe, folder, tmp_path / "run", progress=False, log=logs.append)
     assert "[2/4] Part 1: done already" in logs and "[3/4] Part 2: done already" in logs
+
+    # A release of this run: results and the pruned model, not the dense-sized models or checkpoints.
+    release = tmp_path / "release"
+    copied = {p.relative_to(release).as_posix() for p in collect_release([tmp_path / "run"], release)}
+    assert {"run/prune/mobilenet.pth", "run/prune/schedule.csv", "run/finegrained/sensitivity.json",
+            "run/grade.json"} <= copied
+    assert not any(name.endswith(("baseline/mobilenet.pth", "finegrained/mobilenet.pth", "last.pt"))
+                   or "step_" in name or "submission" in name for name in copied)
+    (release / "run" / "prune" / "schedule.png").unlink()
+    assert main(["report", str(release)]) == 0
+    assert (release / "run" / "prune" / "schedule.png").stat().st_size > 1000
+    assert (release / "accuracy_vs_mflops.png").stat().st_size > 1000
+    text = (release / "REPORT.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `run/prune` |"))
+    assert f"| {graded['mflops']:.2f} |" in row and "| l2 | no | 0 | 1 | yes |" in row
+    assert f"| `run` | {graded['mflops']:.2f} |" in text  # the graded hand-in
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -51,6 +68,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "bad.toml: not valid TOML" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "x.pte", "--threads", "0"])
+    assert main(["report", "nosuch"]) == 2
+    assert "nosuch: no such folder" in capsys.readouterr().err
+    assert main(["report", "rel", "--collect", "runs/nosuch"]) == 2
+    assert "runs/nosuch: no such run folder" in capsys.readouterr().err
 
 
 def test_cli_train_writes_the_baseline_and_its_summary(tmp_path, capsys):

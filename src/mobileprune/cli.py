@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grade-limit", type=_positive, help="grade on the first N test images only")
     _add_data_args(p)
 
+    p = sub.add_parser("report", help="redraw the plots and write REPORT.md of a run folder or a release")
+    p.add_argument("folder", nargs="?", default="release", help="run folder or release folder (default: release)")
+    p.add_argument("--collect", nargs="+", metavar="RUN",
+                   help="first copy these run folders' results (not their checkpoints) into FOLDER/<run name>/")
+    p.add_argument("--no-plots", action="store_true", help="keep the plots as they are; only write REPORT.md")
+
     p = sub.add_parser("bench", help="per-image latency of .pte files (and eager models), side by side")
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
@@ -291,6 +297,16 @@ def cmd_package(args) -> None:
     print(format_grade(result))
 
 
+def cmd_report(args) -> None:
+    from .report import collect_release, write_report
+
+    if args.collect:
+        copied = collect_release(args.collect, args.folder)
+        print(f"copied {len(copied)} files from {', '.join(args.collect)} into {args.folder}")
+    path = write_report(args.folder, plots=not args.no_plots)
+    print(f"wrote {path}")
+
+
 def cmd_bench(args) -> None:
     from dataclasses import asdict
 
@@ -301,7 +317,8 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run, "package": cmd_package}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run, "package": cmd_package,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     from .evaluate import format_grade, grade
     from .finegrained import run_finegrained
     from .models import load_model
+    from .report import write_report
 
     root = Path(out_root)
     data = load_cifar10(Path(data_dir), **recipe.get("data", {}))
@@ -88,37 +89,6 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     (root / "grade.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     (root / "grade.txt").write_text(format_grade(result) + "\n")
     log(format_grade(result))
-    report = write_run_report(root)
+    report = write_report(root)
     log(f"report: {report}")
     return report
-
-
-def write_run_report(root: str | Path) -> Path:
-    """``REPORT.md`` of one run folder, from the summaries its stages wrote."""
-    root = Path(root)
-
-    def read(path: str) -> dict | None:
-        p = root / path
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    lines = [f"# mobileprune run: {root}", ""]
-    base = read("baseline/summary.json")
-    if base:
-        lines += ["## Dense baseline", "", f"Validation {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f} "
-                  f"(best epoch {base['best_epoch']}), {base['mflops']:.2f} MFLOPs.", ""]
-    if (root / "finegrained" / "summary.md").is_file():
-        body = (root / "finegrained" / "summary.md").read_text().split("\n", 2)[2]
-        lines += ["## Part 1: fine-grained pruning", "", body.replace("`plots/", "`finegrained/plots/"), ""]
-    prune = read("prune/summary.json")
-    if prune:
-        lines += ["## Part 2: channel pruning", "",
-                  f"{prune['mflops']:.2f} MFLOPs (target {prune['target_mflops']:g}), {prune['params']:,} parameters;"
-                  f" validation {prune['val_accuracy']:.4f}, test {prune['test_accuracy']:.4f} "
-                  f"({prune['test_images']} images); distillation {'on' if prune['distill'] else 'off'}.", "",
-                  "Schedule: `prune/schedule.csv`, `prune/schedule.png`; channels per layer: `prune/channels.csv`, "
-                  "`prune/channels.png`.", ""]
-    if (root / "grade.txt").is_file():
-        lines += ["## Hand-in, graded as the lab does", "", "```", (root / "grade.txt").read_text().rstrip(), "```", ""]
-    path = root / "REPORT.md"
-    path.write_text("\n".join(lines))
-    return path

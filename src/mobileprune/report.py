@@ -1,6 +1,13 @@
-"""Plots (PNG, no display needed) and markdown summaries for each stage."""
+"""Plots (PNG, no display needed) and the markdown report of a run or a release.
+
+Each stage draws its plots as it runs; ``write_report`` (``mobileprune report``) redraws them from
+the files the stages saved and writes one REPORT.md for a run folder or a release of several.
+"""
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -100,3 +107,213 @@ def plot_channels(before: dict, after: dict, path: str | Path) -> Path:
     ax.set_ylabel("output channels")
     ax.legend()
     return _save(fig, path)
+
+
+def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line: float = 0.92) -> Path:
+    """Validation accuracy after fine-tuning against MFLOPs, one line per channel-pruning run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in schedules.items():
+        points = [(r["mflops"], r["val_finetuned"]) for r in rows if r.get("val_finetuned") is not None]
+        ax.plot(*zip(*points), "o-", ms=3, label=label)
+    ax.axhline(lab_line, color="grey", ls=":", lw=0.8, label="lab bar 92 %")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("MFLOPs (grader's count, log scale)")
+    ax.set_ylabel("validation accuracy after fine-tuning")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- reports from a folder
+# A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
+# relative_size_after, the baseline best_epoch. A hand-in grade is grade.json.
+STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch"}
+# What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
+# models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
+# in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
+RELEASE_FILES = ("summary.json", "summary.md", "history.csv", "schedule.csv", "channels.csv", "sensitivity.json",
+                 "sparsity.json", "grade.json", "grade.txt", "plots/*.png", "*.png")
+RELEASE_MODELS = ("mobilenet.pth", "mobilenet.pte", "mobilenet.pt", "mobilenet.layout.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def find_stages(root: str | Path) -> dict[str, list[Path]]:
+    """Stage folders under ``root`` (itself included), by kind, and the folders holding a grade.json."""
+    root = Path(root)
+    found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade")}
+    for path in sorted(root.rglob("summary.json")):
+        summary = _read_json(path)
+        kind = next((k for k, key in STAGE_KEYS.items() if summary and key in summary), None)
+        if kind:
+            found[kind].append(path.parent)
+    found["grade"] = sorted(p.parent for p in root.rglob("grade.json") if _read_json(p))
+    return found
+
+
+def read_schedule(path: str | Path) -> list[dict]:
+    """schedule.csv back into rows of numbers (empty cells become None)."""
+    def number(text: str):
+        if text == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with open(path, newline="") as f:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def regenerate_plots(stage: str | Path, kind: str) -> list[Path]:
+    """Redraw a stage's plots from the files it wrote (models are needed only for weight histograms)."""
+    from .models import build_mobilenet_v2, channel_layout, load_model
+
+    stage = Path(stage)
+    summary = _read_json(stage / "summary.json") or {}
+    written = []
+    if kind == "prune":
+        if (stage / "schedule.csv").is_file():
+            written.append(plot_schedule(read_schedule(stage / "schedule.csv"), stage / "schedule.png",
+                                         summary.get("target_mflops")))
+        layout = _read_json(stage / "mobilenet.layout.json")
+        if layout:
+            written.append(plot_channels(channel_layout(build_mobilenet_v2()), layout, stage / "channels.png"))
+    elif kind == "finegrained":
+        plots = stage / "plots"
+        dense = build_mobilenet_v2()
+        written.append(plot_bars({n: p.numel() for n, p in dense.named_parameters() if p.dim() > 1},
+                                 plots / "parameters.png", "Parameters per layer", "parameters"))
+        sparsity, scan = _read_json(stage / "sparsity.json"), _read_json(stage / "sensitivity.json")
+        if scan:
+            written.append(plot_sensitivity(scan, plots / "sensitivity.png", sparsity))
+        if sparsity:
+            written.append(plot_bars(sparsity, plots / "sparsity.png", "Chosen sparsity per layer", "sparsity"))
+        for model_path, name in ((stage.parent / "baseline" / "mobilenet.pth", "weights_dense.png"),
+                                 (stage / "mobilenet.pth", "weights_pruned.png")):
+            if model_path.is_file():
+                written.append(plot_weight_distribution(load_model(model_path), plots / name))
+    return written
+
+
+def _label(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root else "."
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_report(root: str | Path, plots: bool = False) -> Path:
+    """``root/REPORT.md`` from every stage and grade under ``root`` (a run folder or a release of several).
+
+    With ``plots``, every stage's plots are redrawn from its files first.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        from .errors import MobilepruneError
+
+        raise MobilepruneError(f"{root}: no such folder")
+    stages = find_stages(root)
+    if plots:
+        for kind in ("finegrained", "prune"):
+            for stage in stages[kind]:
+                regenerate_plots(stage, kind)
+    lines = [f"# mobileprune report: `{root}`", "",
+             f"Written by `mobileprune report {root}` from the summaries, tables and channel layouts the stages "
+             "saved. MFLOPs are counted as the grader counts them (`tp.utils.count_ops_and_params` at "
+             "1×3×224×224); checkpoints were chosen on the validation split, and the test set was only reported.",
+             ""]
+    if not any(stages.values()):
+        lines += ["No stage results here yet (no `summary.json` or `grade.json`).", ""]
+
+    if stages["baseline"]:
+        lines += ["## Dense baseline", "", "| run | best epoch | validation | test | test images | MFLOPs |",
+                  "|---|---|---|---|---|---|"]
+        for stage in stages["baseline"]:
+            s = _read_json(stage / "summary.json")
+            lines.append(f"| `{_label(stage, root)}` | {s['best_epoch']} | {_fmt(s['val_accuracy'])} | "
+                         f"{_fmt(s['test_accuracy'])} | {s.get('test_images', '–')} | {s['mflops']:.2f} |")
+        lines.append("")
+
+    for stage in stages["finegrained"]:
+        rel = _label(stage, root)
+        lines += [f"## Part 1: fine-grained pruning (`{rel}`)", ""]
+        if (stage / "summary.md").is_file():
+            body = (stage / "summary.md").read_text().split("\n", 2)[2]
+            lines.append(body.replace("`plots/", f"`{rel}/plots/").replace("`sparsity.json`", f"`{rel}/sparsity.json`"))
+        lines += [f"![{name}]({rel}/plots/{name}.png)" for name in ("sensitivity", "sparsity", "weights_dense")
+                  if (stage / "plots" / f"{name}.png").is_file()] + [""]
+
+    if stages["prune"]:
+        lines += ["## Part 2: channel pruning", "",
+                  "| run | target | MFLOPs | params | criterion | global | resolution weighting | round_to | KD "
+                  "| validation | test | test images |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        schedules = {}
+        for stage in stages["prune"]:
+            s = _read_json(stage / "summary.json")
+            p = s.get("prune", {})
+            lines.append(f"| `{_label(stage, root)}` | {s['target_mflops']:g} | {s['mflops']:.2f} | {s['params']:,} | "
+                         f"{p.get('importance', 'l2')} | {'yes' if p.get('global_pruning') else 'no'} | "
+                         f"{p.get('resolution_weighting', 0):g} | {p.get('round_to') or 1} | "
+                         f"{'yes' if s.get('distill') else 'no'} | {_fmt(s['val_accuracy'])} | "
+                         f"{_fmt(s['test_accuracy'])} | {s.get('test_images', '–')} |")
+            if (stage / "schedule.csv").is_file():
+                schedules[_label(stage, root)] = read_schedule(stage / "schedule.csv")
+        lines.append("")
+        if schedules:
+            plot_schedules(schedules, root / "accuracy_vs_mflops.png")
+            lines += ["Validation accuracy after each prune-and-fine-tune step:", "",
+                      "![accuracy against MFLOPs](accuracy_vs_mflops.png)", ""]
+        for stage in stages["prune"]:
+            if (stage / "channels.png").is_file():
+                lines += [f"Channels per layer, `{_label(stage, root)}`:", "",
+                          f"![channels]({_label(stage, root)}/channels.png)", ""]
+
+    if stages["grade"]:
+        lines += ["## Hand-ins, graded as the lab does", "",
+                  "| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
+                  "|---|---|---|---|---|---|"]
+        for folder in stages["grade"]:
+            g = _read_json(folder / "grade.json")
+            pte = g.get("pte_accuracy") or {}
+            lines.append(f"| `{_label(folder, root)}` | {g['mflops']:.2f} | {_fmt(pte.get('torchvision'))} | "
+                         f"{_fmt(pte.get('runner'))} | {g['images']} | {_fmt(g.get('score'), '.2f')} % |")
+        lines.append("")
+        for folder in stages["grade"]:
+            if (folder / "grade.txt").is_file():
+                lines += [f"`{_label(folder, root)}`:", "", "```", (folder / "grade.txt").read_text().rstrip(), "```",
+                          ""]
+    path = root / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
+    """Copy each run folder's results (not its resume checkpoints) to ``release/<run name>/``."""
+    from .errors import MobilepruneError
+
+    release = Path(release)
+    copied = []
+    for run in map(Path, runs):
+        if not run.is_dir():
+            raise MobilepruneError(f"{run}: no such run folder")
+        for path in sorted(run.rglob("*")):
+            rel = path.relative_to(run)
+            if not path.is_file() or any(part.startswith("step_") or part in ("finetune", "recovery", "submission")
+                                         for part in rel.parts[:-1]):
+                continue
+            summary = _read_json(path.parent / "summary.json") or {}
+            is_pruned_model = path.name in RELEASE_MODELS and STAGE_KEYS["prune"] in summary
+            if not is_pruned_model and not any(rel.match(pattern) for pattern in RELEASE_FILES):
+                continue
+            target = release / run.name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied.append(target)
+    return copied
