@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 RECIPE ?= quick
 
-.PHONY: run test venv clean runner runner-aarch64 test-aarch64
+.PHONY: run test venv clean runner runner-aarch64 test-aarch64 notebook
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ run: venv
 
 test: venv runner
 	$(PY) -m pytest -q
+
+# The lab notebook, rebuilt from notebooks/build.py and executed on the best results present
+# (release/, else runs/; see mobileprune.report.find_results).
+notebook: venv
+	$(PY) notebooks/build.py
 
 # The lab's native runner, built against the executorch wheel's headers and libraries.
 runner: venv

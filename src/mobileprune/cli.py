@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("package", help="write STUDENT_ID.zip in the lab's layout, then grade it as the lab will")
     p.add_argument("--id", required=True, dest="student_id", help="student id: names the zip and the notebook")
-    p.add_argument("--model-dir", default="runs/quick/submission/model",
-                   help="folder with mobilenet.pth and mobilenet.pte (default: runs/quick/submission/model)")
+    p.add_argument("--model-dir", help="folder with mobilenet.pth and mobilenet.pte (default: prune/ of the best "
+                                       "results present: release/lab2-20, release/lab2-45, release/cpu-small, "
+                                       "runs/cpu-small, runs/quick)")
     p.add_argument("--out", default=".", help="folder for the zip (default: .)")
     p.add_argument("--notebook", help="notebook to include (default: notebooks/lab2.ipynb if present)")
     p.add_argument("--runner", help="runner binary to include (default: build/xnn_executor_runner if built)")
@@ -290,7 +291,10 @@ def cmd_package(args) -> None:
     from .evaluate import format_grade
     from .package import package
 
-    archive, result = package(args.student_id, args.model_dir, args.out, args.notebook, args.runner, args.data,
+    from .report import find_results
+
+    model_dir = args.model_dir or find_results() / "prune"
+    archive, result = package(args.student_id, model_dir, args.out, args.notebook, args.runner, args.data,
                               args.grade_limit, progress=not args.no_progress)
     with zipfile.ZipFile(archive) as z:
         print(f"wrote {archive}: " + ", ".join(z.namelist()))

@@ -117,6 +117,15 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
     return result
 
 
+def sensitivity_ranking(scan: dict, sparsity: float) -> list[tuple[str, float]]:
+    """Layers by accuracy lost when pruned alone to ``sparsity`` (a scanned value), most sensitive first."""
+    if sparsity not in scan["sparsities"]:
+        raise MobilepruneError(f"sparsity {sparsity} was not scanned (scanned: {scan['sparsities']})")
+    i = scan["sparsities"].index(sparsity)
+    drops = {name: scan["dense"] - acc[i] for name, acc in scan["accuracy"].items()}
+    return sorted(drops.items(), key=lambda item: -item[1])
+
+
 def allocate_sparsity(scan: dict, model: nn.Module, target_size: float, step: float = 0.01) -> dict[str, float]:
     """Per-layer sparsities meeting ``target_size`` (fraction of dense size) with the least predicted loss.
 

@@ -161,10 +161,12 @@ def read_schedule(path: str | Path) -> list[dict]:
     def number(text: str):
         if text == "":
             return None
-        try:
-            return float(text)
-        except ValueError:
-            return text
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
 
     with open(path, newline="") as f:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -317,3 +319,36 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
             shutil.copy2(path, target)
             copied.append(target)
     return copied
+
+
+# Where the notebook and ``package`` look for results, best first: the GPU release models, then the
+# CPU small-scale study, then the smoke run ``make run`` leaves.
+RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/cpu-small", "runs/cpu-small", "runs/quick")
+
+
+def find_results(project: str | Path = ".") -> Path:
+    """``$MOBILEPRUNE_RESULTS``, else the first of RESULT_FOLDERS under ``project`` with a Part 2 result."""
+    import os
+
+    from .errors import MobilepruneError
+
+    if os.environ.get("MOBILEPRUNE_RESULTS"):
+        folder = Path(os.environ["MOBILEPRUNE_RESULTS"])
+        if not (folder / "prune" / "summary.json").is_file():
+            raise MobilepruneError(f"$MOBILEPRUNE_RESULTS={folder}: no prune/summary.json there")
+        return folder
+    for name in RESULT_FOLDERS:
+        if (Path(project) / name / "prune" / "summary.json").is_file():
+            return Path(project) / name
+    raise MobilepruneError(f"no results in {', '.join(RESULT_FOLDERS)}: run `make run` (CPU smoke run) or a "
+                           "GPU recipe first, or set $MOBILEPRUNE_RESULTS")
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """A markdown table of ``rows``; ``columns`` maps each key to its format spec ('' for str)."""
+    def cell(value, spec):
+        return "–" if value is None or value == "" else format(value, spec)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k), spec) for k, spec in columns.items()) + " |" for r in rows]
+    return "\n".join(lines)
