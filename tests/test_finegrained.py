@@ -110,3 +110,13 @@ def test_scan_shape_and_cache(tmp_path):
     n = len(calls)
     assert fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=tmp_path / "scan.json") == scan
     assert len(calls) == n  # read from the cache
+
+
+def test_sensitivity_ranking_orders_layers_by_accuracy_lost():
+    scan = {"dense": 0.9, "sparsities": [0.5, 0.9],
+            "accuracy": {"a.weight": [0.9, 0.8], "b.weight": [0.85, 0.3], "c.weight": [0.9, 0.85]}}
+    ranking = fg.sensitivity_ranking(scan, 0.9)
+    assert [name for name, _ in ranking] == ["b.weight", "a.weight", "c.weight"]
+    assert ranking[0][1] == pytest.approx(0.6)
+    with pytest.raises(MobilepruneError, match="was not scanned"):
+        fg.sensitivity_ranking(scan, 0.7)
