@@ -117,6 +117,9 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
         ax.plot(*zip(*points), "o-", ms=3, label=label)
     ax.axhline(lab_line, color="grey", ls=":", lw=0.8, label="lab bar 92 %")
     ax.set_xscale("log")
+    ticks = [20, 45, 100, 200, 319]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("MFLOPs (grader's count, log scale)")
     ax.set_ylabel("validation accuracy after fine-tuning")
