@@ -103,3 +103,13 @@ def test_gradient_criteria_land_on_target(dense, tmp_path, criterion):
     config = channel.PruneStepConfig(importance=criterion, gradient_batches=1, gradient_batch_size=4)
     pruned = channel.prune_to_mflops(dense, 150.0, config, data)
     assert 150.0 - channel.LANDING_TOLERANCE <= count_mflops(pruned)[0] <= 150.0
+
+
+def test_schedule_without_teacher_ignores_the_recipes_kd_alpha(dense, tmp_path):
+    # `mobileprune prune --no-distill` on a recipe whose fine-tune has kd_alpha > 0.
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)
+    config = channel.ScheduleConfig(target_mflops=200.0, steps=1, distill=False, export=False,
+                                    finetune=TINY_TRAIN, recovery=TINY_TRAIN)
+    summary = channel.run_schedule(dense, data, config, tmp_path / "run", progress=False)
+    assert summary["distill"] is False and summary["mflops"] <= 200.0
+    assert (tmp_path / "run" / "recovery" / "best.pt").is_file()

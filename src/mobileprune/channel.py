@@ -259,6 +259,10 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     finetune = TrainConfig.from_dict(config.finetune)
     recovery = TrainConfig.from_dict(config.recovery) if config.recovery else None
     teacher = copy.deepcopy(baseline).eval() if config.distill else None
+    if not config.distill:  # no teacher: the recipe's kd_alpha weights a term that is not there
+        for train_config in (finetune, recovery):
+            if train_config is not None:
+                train_config.kd_alpha = 0.0
     dense_layout = channel_layout(baseline)
 
     def val(m: nn.Module) -> float:
