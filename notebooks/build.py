@@ -33,7 +33,7 @@ from mobileprune.errors import MobilepruneError
 from mobileprune.evaluate import accuracy, lab_score
 from mobileprune.models import build_mobilenet_v2
 from mobileprune.recipes import load_recipe
-from mobileprune.report import find_results, find_stages, markdown_table, read_schedule
+from mobileprune.report import find_results, markdown_table, prune_rows, read_schedule
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 PROJECT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
@@ -162,20 +162,13 @@ display(Image(RESULTS / "prune" / "channels.png"))"""),
     ("md", """### What was tried, and what each bought
 Every channel-pruning run in the results folder, on the same baseline (criterion, global or
 per-layer ranking, resolution weighting: high-resolution blocks pruned harder, distillation):"""),
-    ("code", """runs = []
-for stage in find_stages(RESULTS)["prune"]:
-    s = json.loads((stage / "summary.json").read_text())
-    p = s.get("prune", {})
-    runs.append({"run": stage.relative_to(RESULTS).as_posix(), "mflops": s["mflops"],
-                 "criterion": p.get("importance", "l2"), "global": "yes" if p.get("global_pruning") else "no",
-                 "weighting": p.get("resolution_weighting", 0.0), "KD": "yes" if s["distill"] else "no",
-                 "val": s["val_accuracy"], "test": s["test_accuracy"]})
-display(Markdown(markdown_table(runs, {"run": "", "mflops": ".2f", "criterion": "", "global": "",
-                                       "weighting": "g", "KD": "", "val": ".4f", "test": ".4f"})))
+    ("code", """runs = prune_rows(RESULTS)
+display(Markdown(markdown_table(runs, {"run": "", "MFLOPs": ".2f", "criterion": "", "global": "",
+                                       "resolution weighting": "g", "KD": "", "validation": ".4f", "test": ".4f"})))
 reference = next(r for r in runs if r["run"] == "prune")
 for r in runs:
     if r is not reference:
-        print(f"{r['run']}: validation {r['val'] - reference['val']:+.4f} against prune/ (the hand-in)")"""),
+        print(f"{r['run']}: validation {r['validation'] - reference['validation']:+.4f} against prune/ (the hand-in)")"""),
     ("md", """### The hand-in: MFLOPs the grader's way
 The grader unpickles the whole model and counts operations with Torch-Pruning:"""),
     ("code", """handin = RESULTS / "prune"

@@ -38,6 +38,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
 
 
+def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str) -> None:
+    """What every stage that starts from the dense baseline takes: recipe, baseline, output, device, data."""
+    p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
+    p.add_argument("--recipe", default=default_recipe,
+                   help=f"recipe with a [{stage}] table (default: {default_recipe})")
+    p.add_argument("--out", help=f"output folder (default: runs/<recipe>/{stage})")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_data_args(p)
+
+
 def _variants(text: str) -> tuple[str, ...]:
     from .data import RESIZE_VARIANTS
 
@@ -86,25 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
 
     p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
-    p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
-    p.add_argument("--recipe", default="baseline", help="recipe with a [finegrained] table (default: baseline)")
+    _add_stage_args(p, "finegrained", default_recipe="baseline")
     p.add_argument("--target-size", type=float, help="fraction of dense size, e.g. 0.25 (overrides the recipe)")
     p.add_argument("--sparsity-json", help="per-layer sparsities by hand ({param_name: sparsity}); skips the scan")
-    p.add_argument("--out", help="output folder (default: runs/<recipe>/finegrained)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--trust-pickle", action="store_true")
-    _add_data_args(p)
 
     p = sub.add_parser("prune", help="Part 2: channel pruning to an MFLOPs target, in steps with KD recovery")
-    p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
-    p.add_argument("--recipe", default="lab2-45", help="recipe with a [prune] table (default: lab2-45)")
+    _add_stage_args(p, "prune", default_recipe="lab2-45")
     p.add_argument("--target-mflops", type=float, help="override the recipe's target")
     p.add_argument("--importance", help="override the criterion: l1, l2, taylor, hessian, bn, lamp, fpgm, random")
     p.add_argument("--no-distill", action="store_true", help="recover without the dense teacher")
-    p.add_argument("--out", help="output folder (default: runs/<recipe>/prune)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--trust-pickle", action="store_true")
-    _add_data_args(p)
 
     p = sub.add_parser("run", help="the whole pipeline from one recipe: baseline, Part 1, Part 2, grade, report")
     p.add_argument("--recipe", default="quick", help="recipe name or .toml path (default: quick)")
@@ -290,7 +291,6 @@ def cmd_run(args) -> None:
 def cmd_package(args) -> None:
     from .evaluate import format_grade
     from .package import package
-
     from .report import find_results
 
     model_dir = args.model_dir or find_results() / "prune"

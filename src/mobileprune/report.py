@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
+
+from .errors import MobilepruneError  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -177,6 +180,7 @@ def read_schedule(path: str | Path) -> list[dict]:
 
 def regenerate_plots(stage: str | Path, kind: str) -> list[Path]:
     """Redraw a stage's plots from the files it wrote (models are needed only for weight histograms)."""
+    from .finegrained import prunable_parameters
     from .models import build_mobilenet_v2, channel_layout, load_model
 
     stage = Path(stage)
@@ -191,8 +195,7 @@ def regenerate_plots(stage: str | Path, kind: str) -> list[Path]:
             written.append(plot_channels(channel_layout(build_mobilenet_v2()), layout, stage / "channels.png"))
     elif kind == "finegrained":
         plots = stage / "plots"
-        dense = build_mobilenet_v2()
-        written.append(plot_bars({n: p.numel() for n, p in dense.named_parameters() if p.dim() > 1},
+        written.append(plot_bars({n: p.numel() for n, p in prunable_parameters(build_mobilenet_v2()).items()},
                                  plots / "parameters.png", "Parameters per layer", "parameters"))
         sparsity, scan = _read_json(stage / "sparsity.json"), _read_json(stage / "sensitivity.json")
         if scan:
@@ -211,7 +214,29 @@ def _label(path: Path, root: Path) -> str:
 
 
 def _fmt(value, spec: str = ".4f") -> str:
-    return "–" if value is None else format(value, spec)
+    return "–" if value is None or value == "" else format(value, spec)
+
+
+# The Part 2 table: each run's settings and results, as ``prune_rows`` gives them.
+PRUNE_COLUMNS = {"run": "", "target": "g", "MFLOPs": ".2f", "params": ",", "criterion": "", "global": "",
+                 "resolution weighting": "g", "round_to": "", "KD": "", "validation": ".4f", "test": ".4f",
+                 "test images": ""}
+
+
+def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]:
+    """One row per channel-pruning run under ``root`` (or in ``stages``): settings and results, by PRUNE_COLUMNS."""
+    root = Path(root)
+    rows = []
+    for stage in find_stages(root)["prune"] if stages is None else stages:
+        s = _read_json(stage / "summary.json")
+        p = s.get("prune", {})
+        rows.append({"run": _label(stage, root), "target": s["target_mflops"], "MFLOPs": s["mflops"],
+                     "params": s["params"], "criterion": p.get("importance", "l2"),
+                     "global": "yes" if p.get("global_pruning") else "no",
+                     "resolution weighting": p.get("resolution_weighting", 0), "round_to": p.get("round_to") or 1,
+                     "KD": "yes" if s.get("distill") else "no", "validation": s["val_accuracy"],
+                     "test": s["test_accuracy"], "test images": s.get("test_images")})
+    return rows
 
 
 def write_report(root: str | Path, plots: bool = False) -> Path:
@@ -221,8 +246,6 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        from .errors import MobilepruneError
-
         raise MobilepruneError(f"{root}: no such folder")
     stages = find_stages(root)
     if plots:
@@ -256,20 +279,11 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                   if (stage / "plots" / f"{name}.png").is_file()] + [""]
 
     if stages["prune"]:
+        rows = prune_rows(root, stages["prune"])
         lines += ["## Part 2: channel pruning", "",
-                  "| run | target | MFLOPs | params | criterion | global | resolution weighting | round_to | KD "
-                  "| validation | test | test images |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        schedules = {}
-        for stage in stages["prune"]:
-            s = _read_json(stage / "summary.json")
-            p = s.get("prune", {})
-            lines.append(f"| `{_label(stage, root)}` | {s['target_mflops']:g} | {s['mflops']:.2f} | {s['params']:,} | "
-                         f"{p.get('importance', 'l2')} | {'yes' if p.get('global_pruning') else 'no'} | "
-                         f"{p.get('resolution_weighting', 0):g} | {p.get('round_to') or 1} | "
-                         f"{'yes' if s.get('distill') else 'no'} | {_fmt(s['val_accuracy'])} | "
-                         f"{_fmt(s['test_accuracy'])} | {s.get('test_images', '–')} |")
-            if (stage / "schedule.csv").is_file():
-                schedules[_label(stage, root)] = read_schedule(stage / "schedule.csv")
+                  markdown_table([{**r, "run": f"`{r['run']}`"} for r in rows], PRUNE_COLUMNS)]
+        schedules = {r["run"]: read_schedule(root / r["run"] / "schedule.csv") for r in rows
+                     if (root / r["run"] / "schedule.csv").is_file()}
         lines.append("")
         if schedules:
             plot_schedules(schedules, root / "accuracy_vs_mflops.png")
@@ -301,20 +315,18 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
 
 def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
     """Copy each run folder's results (not its resume checkpoints) to ``release/<run name>/``."""
-    from .errors import MobilepruneError
-
     release = Path(release)
     copied = []
     for run in map(Path, runs):
         if not run.is_dir():
             raise MobilepruneError(f"{run}: no such run folder")
+        prune_stages = set(find_stages(run)["prune"])
         for path in sorted(run.rglob("*")):
             rel = path.relative_to(run)
             if not path.is_file() or any(part.startswith("step_") or part in ("finetune", "recovery", "submission")
                                          for part in rel.parts[:-1]):
                 continue
-            summary = _read_json(path.parent / "summary.json") or {}
-            is_pruned_model = path.name in RELEASE_MODELS and STAGE_KEYS["prune"] in summary
+            is_pruned_model = path.name in RELEASE_MODELS and path.parent in prune_stages
             if not is_pruned_model and not any(rel.match(pattern) for pattern in RELEASE_FILES):
                 continue
             target = release / run.name / rel
@@ -331,10 +343,6 @@ RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/cpu-small", "ru
 
 def find_results(project: str | Path = ".") -> Path:
     """``$MOBILEPRUNE_RESULTS``, else the first of RESULT_FOLDERS under ``project`` with a Part 2 result."""
-    import os
-
-    from .errors import MobilepruneError
-
     if os.environ.get("MOBILEPRUNE_RESULTS"):
         folder = Path(os.environ["MOBILEPRUNE_RESULTS"])
         if not (folder / "prune" / "summary.json").is_file():
@@ -349,9 +357,6 @@ def find_results(project: str | Path = ".") -> Path:
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
     """A markdown table of ``rows``; ``columns`` maps each key to its format spec ('' for str)."""
-    def cell(value, spec):
-        return "–" if value is None or value == "" else format(value, spec)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(k), spec) for k, spec in columns.items()) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(k), spec) for k, spec in columns.items()) + " |" for r in rows]
     return "\n".join(lines)
