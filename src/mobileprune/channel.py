@@ -248,7 +248,6 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     interrupted fine-tune continues from its ``last.pt``.
     """
     from .evaluate import accuracy
-    from .export import export_pte
     from .models import channel_layout, load_state_with_layout, save_pickled_model, save_state_with_layout
     from .report import plot_channels, plot_schedule
     from .train import TrainConfig, evaluate_stream, train
@@ -316,6 +315,8 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     save_state_with_layout(model, out, "mobilenet")
     save_pickled_model(model, out / "mobilenet.pth")
     if config.export:
+        from .export import export_pte
+
         export_pte(model, out / "mobilenet.pte")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

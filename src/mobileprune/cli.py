@@ -46,6 +46,8 @@ def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str)
     p.add_argument("--out", help=f"output folder (default: runs/<recipe>/{stage})")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--no-export", action="store_true",
+                   help="write no .pte (for a machine without ExecuTorch; `mobileprune export` makes it later)")
     _add_data_args(p)
 
 
@@ -236,6 +238,8 @@ def cmd_finegrained(args) -> None:
 
     recipe = load_recipe(args.recipe)
     settings = section(recipe, "finegrained")
+    if args.no_export:
+        settings["export"] = False
     if args.target_size is not None:
         if not 0 < args.target_size < 1:
             raise MobilepruneError(f"--target-size {args.target_size} must be a fraction between 0 and 1")
@@ -251,7 +255,7 @@ def cmd_finegrained(args) -> None:
     summary = run_finegrained(baseline, load_data(args, recipe), settings, out, device=args.device or _auto_device(),
                               sparsity=sparsity, progress=not args.no_progress)
     print((out / "summary.md").read_text())
-    print(f"wrote {out}/mobilenet.pth, sparsity.json, plots/, summary.md "
+    print(f"wrote {out}/mobilenet.pth, mobilenet.pt, sparsity.json, plots/, summary.md "
           f"({summary['relative_size_after']:.2%} of dense size)")
 
 
@@ -267,6 +271,8 @@ def cmd_prune(args) -> None:
         settings["prune"] = {**settings.get("prune", {}), "importance": args.importance}
     if args.no_distill:
         settings["distill"] = False
+    if args.no_export:
+        settings["export"] = False
     config = ScheduleConfig.from_dict(settings)
     baseline = _baseline(args, recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "prune")
@@ -274,7 +280,8 @@ def cmd_prune(args) -> None:
                      progress=not args.no_progress)
     print(f"{s['mflops']:.2f} MFLOPs (target {s['target_mflops']:g}), {s['params']:,} params: val "
           f"{s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} ({s['test_images']} images)")
-    print(f"wrote {out}/mobilenet.pth, mobilenet.pte, mobilenet.pt + layout, schedule.csv/.png, channels.csv/.png")
+    print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, "
+          "schedule.csv/.png, channels.csv/.png")
 
 
 def cmd_run(args) -> None:

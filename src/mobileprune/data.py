@@ -255,16 +255,19 @@ class BatchStream:
     """Batches of one split, resident on ``device``; the airbench way: no DataLoader workers.
 
     ``train=True`` shuffles each epoch and augments. Each batch comes out preprocessed at
-    ``size`` (the resolution may change between epochs: progressive resizing).
+    ``size`` (the resolution may change between epochs: progressive resizing), resized by one of
+    ``variants`` (drawn per batch when there are several).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device | str,
-                 train: bool = False, seed: int = 0, variant: str = "torchvision"):
+                 train: bool = False, seed: int = 0, variants: str | list[str] = "torchvision"):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.train = train
-        self.variant = variant
+        self.variants = [variants] if isinstance(variants, str) else list(variants)
+        for variant in self.variants:
+            resize_matrix(variant, 2)  # an unknown name fails here, not mid-epoch
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -280,6 +283,9 @@ class BatchStream:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[idx]
+            variant = self.variants[0]
             if self.train:
                 images = augment(images, self.generator)
-            yield preprocess(images, size, self.variant), self.labels[idx]
+                if len(self.variants) > 1:
+                    variant = self.variants[int(torch.randint(len(self.variants), (1,), generator=self.generator))]
+            yield preprocess(images, size, variant), self.labels[idx]

@@ -182,10 +182,8 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
     """
     import copy
 
-    from .bench import bench
     from .evaluate import accuracy
-    from .export import export_pte
-    from .models import save_pickled_model
+    from .models import save_pickled_model, save_state_with_layout
     from .report import plot_bars, plot_sensitivity, plot_weight_distribution
     from .train import TrainConfig, train
 
@@ -225,14 +223,18 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
                    dense_size_mib=model_size_bits(dense) / 8 / 2**20,
                    pruned_val=measure(model, "val"), pruned_test=measure(model, "test"))
     result = train(model, data, train_config, out / "finetune", teacher=dense if distill else None,
-                   after_step=[pruner], device=device, progress=progress, desc="fine-tune")
+                   after_step=[pruner], resume=True, device=device, progress=progress, desc="fine-tune")
     model = result.model.eval()
     pruner.apply(model)  # the best epoch was saved masked; re-applying proves it costs nothing
     summary.update(finetuned_val=result.best_val_accuracy, finetuned_test=measure(model, "test"),
                    best_epoch=result.best_epoch, relative_size_after=relative_size(model))
     plot_weight_distribution(model, plots / "weights_pruned.png")
     save_pickled_model(model, out / "mobilenet.pth")
+    save_state_with_layout(model, out, "mobilenet")  # to rebuild the .pth under other torch versions
     if do_export:
+        from .bench import bench
+        from .export import export_pte
+
         export_pte(model, out / "mobilenet.pte")
         export_pte(dense, out / "dense.pte")
         if do_bench:

@@ -39,6 +39,9 @@ class TrainConfig:
     # validation always runs at eval_resolution (the lab's 224).
     resolutions: list[int] = field(default_factory=lambda: [INPUT_SIZE])
     eval_resolution: int = INPUT_SIZE
+    # Resize variants drawn per training batch: the grader measures the .pth with torchvision's
+    # resize and the .pte through the runner's, so a model trained on both is at home under either.
+    resize_variants: list[str] = field(default_factory=lambda: ["torchvision"])
     kd_alpha: float = 0.0  # weight of the distillation term; 0 trains on labels alone
     kd_temperature: float = 4.0
     seed: int = 0
@@ -121,11 +124,14 @@ def _to_memory_format(x: torch.Tensor, config: TrainConfig, device: torch.device
 
 def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | Path, teacher: nn.Module | None = None,
           resume: bool = False, after_step: Iterable[Callable[[nn.Module], None]] = (),
-          device: torch.device | str | None = None, progress: bool = True, desc: str = "train") -> TrainResult:
+          device: torch.device | str | None = None, progress: bool = True, desc: str = "train",
+          log_epochs: bool = True) -> TrainResult:
     """Train ``model`` on ``data.train``, pick the best epoch on ``data.val``; checkpoints in ``out_dir``.
 
     ``after_step`` callbacks run after every optimiser step (the fine-grained pruner re-applies its
     masks there). With ``resume`` and a ``last.pt`` in ``out_dir``, training continues after its epoch.
+    One line per epoch is printed unless ``log_epochs`` is off (also without progress bars: logs of
+    unattended runs need them).
     """
     device = torch.device(device) if device is not None else default_device()
     out_dir = Path(out_dir)
@@ -133,6 +139,8 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
     if config.kd_alpha > 0 and teacher is None:
         raise MobilepruneError("kd_alpha > 0 needs a teacher model")
     torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick its kernels
     model = model.to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -141,7 +149,7 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
         for p in teacher.parameters():
             p.requires_grad_(False)
     train_stream = BatchStream(data.train_images, data.train_labels, config.batch_size, device, train=True,
-                               seed=config.seed)
+                               seed=config.seed, variants=config.resize_variants)
     if len(train_stream) == 0:
         raise MobilepruneError("training split is empty")
     val_stream = BatchStream(data.val_images, data.val_labels, config.eval_batch_size, device)
@@ -166,7 +174,8 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
     for epoch in range(start_epoch, config.epochs):
         model.train()
         size = config.resolution_at(epoch)
-        started, seen, loss_sum = time.time(), 0, 0.0
+        started, seen = time.time(), 0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         bar = tqdm(train_stream.batches(size), total=len(train_stream), disable=not progress, leave=False,
                    desc=f"{desc} {epoch + 1}/{config.epochs} @{size}px", unit="batch")
         for images, labels in bar:
@@ -186,13 +195,15 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
             for callback in after_step:
                 callback(model)
             seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            loss_sum += loss.detach().float() * len(labels)
+            if progress and bar.n % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
         val_accuracy = evaluate_stream(model, val_stream, config, device)
-        record = {"epoch": epoch + 1, "resolution": size, "train_loss": loss_sum / seen, "val_accuracy": val_accuracy,
+        record = {"epoch": epoch + 1, "resolution": size, "train_loss": loss_sum.item() / seen,
+                  "val_accuracy": val_accuracy,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
         history.append(record)
-        if progress:
+        if progress or log_epochs:
             tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  "
                        f"val {val_accuracy:.4f}  ({record['seconds']:.0f}s @{size}px)")
         if val_accuracy > best_val:
