@@ -54,6 +54,12 @@ case "${1:-}" in
         ;;
     pipeline) pipeline ;;
     wait)
+        # A machine left idle for 30 s goes back, and the next call gets a bare one: then there is
+        # nothing to wait for, and waiting would only burn device time.
+        if [ ! -e "$RUN/pipeline.log" ]; then
+            echo "no pipeline on this machine (a fresh one: the last was given back); nothing to wait for" >&2
+            exit 3
+        fi
         for _ in $(seq "${2:-540}"); do
             [ -e "$RUN/DONE" ] || [ -e "$RUN/FAILED" ] && break
             sleep 1

@@ -27,7 +27,7 @@ def test_committed_notebook_is_the_built_one_and_is_executed():
 
 def test_notebook_executes_without_error(monkeypatch):
     monkeypatch.delenv("MOBILEPRUNE_RESULTS", raising=False)
-    results = find_results(PROJECT)  # the notebook answers from the best results present
+    results = find_results(PROJECT, stages=("finegrained", "prune"))  # the best results with both parts
     executed = build.execute(copy.deepcopy(COMMITTED))
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert f"results: {results.relative_to(PROJECT)}" in text
@@ -43,5 +43,15 @@ def test_find_results_explains_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(MobilepruneError, match="run `make run`"):
         find_results(tmp_path)
     monkeypatch.setenv("MOBILEPRUNE_RESULTS", str(tmp_path))
-    with pytest.raises(MobilepruneError, match="no prune/summary.json"):
+    with pytest.raises(MobilepruneError, match="needs prune/summary.json"):
         find_results(tmp_path)
+
+
+def test_find_results_takes_the_first_folder_with_every_stage(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOBILEPRUNE_RESULTS", raising=False)
+    for folder, stages in (("release/h100", ["prune"]), ("release/cpu-small", ["finegrained", "prune"])):
+        for stage in stages:
+            (tmp_path / folder / stage).mkdir(parents=True)
+            (tmp_path / folder / stage / "summary.json").write_text("{}")
+    assert find_results(tmp_path) == tmp_path / "release/h100"  # the hand-in: Part 2 is enough
+    assert find_results(tmp_path, ("finegrained", "prune")) == tmp_path / "release/cpu-small"

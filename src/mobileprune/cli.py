@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("package", help="write STUDENT_ID.zip in the lab's layout, then grade it as the lab will")
     p.add_argument("--id", required=True, dest="student_id", help="student id: names the zip and the notebook")
     p.add_argument("--model-dir", help="folder with mobilenet.pth and mobilenet.pte (default: prune/ of the best "
-                                       "results present: release/lab2-20, release/lab2-45, release/cpu-small, "
-                                       "runs/cpu-small, runs/quick)")
+                                       "results present: release/lab2-20, release/lab2-45, release/h100, "
+                                       "release/cpu-small, runs/cpu-small, runs/quick)")
     p.add_argument("--out", default=".", help="folder for the zip (default: .)")
     p.add_argument("--notebook", help="notebook to include (default: notebooks/lab2.ipynb if present)")
     p.add_argument("--runner", help="runner binary to include (default: build/xnn_executor_runner if built)")

@@ -338,21 +338,29 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
 
 # Where the notebook and ``package`` look for results, best first: the GPU release models, then the
 # CPU small-scale study, then the smoke run ``make run`` leaves.
-RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/cpu-small", "runs/cpu-small", "runs/quick")
+# Best first: the GPU releases, then the 224-px baseline pruned on the CPU, then the CPU studies.
+RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/h100", "release/cpu-small", "runs/cpu-small",
+                  "runs/quick")
 
 
-def find_results(project: str | Path = ".") -> Path:
-    """``$MOBILEPRUNE_RESULTS``, else the first of RESULT_FOLDERS under ``project`` with a Part 2 result."""
+def find_results(project: str | Path = ".", stages: tuple[str, ...] = ("prune",)) -> Path:
+    """``$MOBILEPRUNE_RESULTS``, else the first of RESULT_FOLDERS under ``project`` with all ``stages`` done.
+
+    The hand-in needs only Part 2 (``prune``); the notebook also answers Part 1 (``finegrained``).
+    """
+    def complete(folder: Path) -> bool:
+        return all((folder / stage / "summary.json").is_file() for stage in stages)
+
     if os.environ.get("MOBILEPRUNE_RESULTS"):
         folder = Path(os.environ["MOBILEPRUNE_RESULTS"])
-        if not (folder / "prune" / "summary.json").is_file():
-            raise MobilepruneError(f"$MOBILEPRUNE_RESULTS={folder}: no prune/summary.json there")
+        if not complete(folder):
+            raise MobilepruneError(f"$MOBILEPRUNE_RESULTS={folder}: needs {', '.join(s + '/summary.json' for s in stages)}")
         return folder
     for name in RESULT_FOLDERS:
-        if (Path(project) / name / "prune" / "summary.json").is_file():
+        if complete(Path(project) / name):
             return Path(project) / name
-    raise MobilepruneError(f"no results in {', '.join(RESULT_FOLDERS)}: run `make run` (CPU smoke run) or a "
-                           "GPU recipe first, or set $MOBILEPRUNE_RESULTS")
+    raise MobilepruneError(f"no results with {' and '.join(stages)} in {', '.join(RESULT_FOLDERS)}: run `make run` "
+                           "(CPU smoke run) or a GPU recipe first, or set $MOBILEPRUNE_RESULTS")
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
