@@ -57,9 +57,12 @@ def test_grade_tiny_submission_folder_and_zip(tmp_path, pruned_model, pruned_pte
     with zipfile.ZipFile(archive, "w") as z:
         for f in folder.rglob("*"):
             z.write(f, f.relative_to(folder))
-    assert main(["--no-progress", "grade", str(archive), "--json"]) == 0
+    assert main(["--no-progress", "grade", str(archive), "--json", "--save", str(tmp_path / "run")]) == 0
     graded = json.loads(capsys.readouterr().out)
     assert graded["mflops"] == pytest.approx(result.mflops) and graded["pth_accuracy"] == result.pth_accuracy
+    # --save keeps both forms where `mobileprune report` looks for them
+    assert json.loads((tmp_path / "run" / "grade.json").read_text()) == graded
+    assert f"{result.mflops:.6f}" in (tmp_path / "run" / "grade.txt").read_text()
 
 
 def test_grade_without_pte_grades_pth_alone_and_falls_back_to_data_path(tmp_path, pruned_model, cifar_dir):

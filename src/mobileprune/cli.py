@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", metavar="FOLDER", help="also write FOLDER/grade.json and grade.txt (what "
+                                                     "`mobileprune report` reads from a run folder)")
     _add_data_args(p)
 
     p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
@@ -219,6 +221,11 @@ def cmd_grade(args) -> None:
 
     result = grade(args.submission, data=args.data, limit=args.limit, variants=_variants(args.variant),
                    trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress)
+    if args.save:
+        folder = Path(args.save)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "grade.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        (folder / "grade.txt").write_text(format_grade(result) + "\n")
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
 
 
