@@ -9,7 +9,8 @@
 #   benchmarks/gpu_release.sh wait SECONDS  wait up to SECONDS for it, then pack its results into $OUT
 #
 # Settings (environment): RUN (run folder, default runs/lab2-20), BASELINE_EPOCHS (overrides the
-# baseline recipe's epochs). What comes back is state_dicts + channel layouts, summaries, tables and
+# baseline recipe's epochs), BASELINE (a trained dense model: skip the baseline and prune it, to 20
+# and to 45 MFLOPs with distillation, Part 1 beside them, then 20 MFLOPs without distillation). What comes back is state_dicts + channel layouts, summaries, tables and
 # logs in 15-MiB pieces ($OUT/results.tgz.NN; `cat results.tgz.* | tar xz`): the .pth/.pte are
 # rebuilt here with the pinned versions (`mobileprune export`).
 set -uo pipefail
@@ -20,30 +21,52 @@ DATA="--data data/cifar-10-batches-bin"
 
 pipeline() {
     mkdir -p "$RUN"
-    $MP train --recipe baseline --out "$RUN/baseline" --resume ${BASELINE_EPOCHS:+--epochs $BASELINE_EPOCHS} $DATA \
-        || { echo "baseline failed" >"$RUN/FAILED"; return 1; }
-    local base="--baseline $RUN/baseline/mobilenet.pth"
+    local base
+    if [ -n "${BASELINE:-}" ]; then
+        base="--baseline $BASELINE"
+    else
+        $MP train --recipe baseline --out "$RUN/baseline" --resume ${BASELINE_EPOCHS:+--epochs $BASELINE_EPOCHS} $DATA \
+            || { echo "baseline failed" >"$RUN/FAILED"; return 1; }
+        base="--baseline $RUN/baseline/mobilenet.pth"
+    fi
     # Pruning searches run on the CPU: share its 16 cores instead of oversubscribing them.
-    OMP_NUM_THREADS=5 $MP prune --recipe lab2-20 $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
-    OMP_NUM_THREADS=5 $MP prune --recipe lab2-20 $base --out "$RUN/prune-nokd" --no-distill --no-export $DATA \
-        >"$RUN/prune-nokd.log" 2>&1 &
-    OMP_NUM_THREADS=5 $MP finegrained --recipe baseline $base --out "$RUN/finegrained" --no-export $DATA \
-        >"$RUN/finegrained.log" 2>&1 &
+    export OMP_NUM_THREADS=5
+    $MP prune --recipe lab2-20 $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
+    if [ -n "${BASELINE:-}" ]; then
+        $MP prune --recipe lab2-45 $base --out "$RUN/prune-45" --no-export $DATA >"$RUN/prune-45.log" 2>&1 &
+    fi
+    { $MP finegrained --recipe baseline $base --out "$RUN/finegrained" --no-export $DATA >"$RUN/finegrained.log" 2>&1
+      $MP prune --recipe lab2-20 $base --out "$RUN/prune-nokd" --no-distill --no-export $DATA \
+        >"$RUN/prune-nokd.log" 2>&1; } &
     wait
     touch "$RUN/DONE"
 }
 
 pack() {
-    # No optimiser states, no pickles (rebuilt here), no pruned-before-fine-tuning copies, and of
-    # the no-KD run's steps only their tables: the pieces must stay under the 64 MiB that comes back.
-    tar czf - --exclude=last.pt --exclude=pruned.pt --exclude='*.pth' --exclude='prune-nokd/step_*/finetune/best.pt' \
-        --exclude='prune/step_[12]/finetune/best.pt' -C "$(dirname "$RUN")" "$(basename "$RUN")" \
-        | split -b 15m -d - "$OUT/results.tgz."
+    # What comes back must stay under 64 MiB: no optimiser states (last.pt), no pickles or .pte
+    # (rebuilt here), no pruned-before-fine-tuning copies, and of each schedule's steps only the
+    # last finished one's model (all a resumed schedule needs); every table, log and plot.
+    local parent name
+    parent=$(dirname "$RUN"); name=$(basename "$RUN")
+    {
+        (cd "$parent" && find "$name" -type f ! -name last.pt ! -name pruned.pt ! -name '*.pth' ! -name '*.pte' \
+            ! -path '*/finetune/best.pt')
+        for done in "$RUN"/*/step_*/done.json; do [ -e "$done" ] && dirname "$done"; done \
+            | sort -V | awk -F/ '{last[$(NF-1)] = $0} END {for (d in last) print last[d]}' \
+            | while read -r step; do
+                [ -e "$step/finetune/best.pt" ] && echo "${step#$parent/}/finetune/best.pt"
+              done
+    } >/tmp/pack.list
+    tar czf - -C "$parent" -T /tmp/pack.list | split -b 15m -d - "$OUT/results.tgz."
     ls -l "$OUT"
 }
 
 case "${1:-}" in
     setup)
+        if [ -d .gpu-base ]; then  # a baseline carried in halves: .gpu-base/a and .gpu-base/b
+            mkdir -p base && cat .gpu-base/a/mobilenet.pt.* .gpu-base/b/mobilenet.pt.* >base/mobilenet.pt &&
+                cp .gpu-base/a/mobilenet.layout.json base/ && (cd .gpu-base/a && sha256sum -c --quiet SHA256) || exit 1
+        fi
         python3 .gpu-data/test/gpu_data.py unpack .gpu-data data/cifar-10-batches-bin >/dev/null &&
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
         ;;

@@ -95,6 +95,10 @@ def test_two_step_schedule_runs_and_resumes(dense, tmp_path):
     assert again["mflops"] == summary["mflops"]
     rows = (out / "schedule.csv").read_text().splitlines()
     assert len(rows) == 1 + 3  # header, dense, two steps
+    # What comes back from the GPU machine holds only the last finished step's model.
+    (out / "step_1" / "finetune" / "best.pt").unlink()
+    third = channel.run_schedule(dense, data, config, out, progress=False)
+    assert third["mflops"] == summary["mflops"]
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "hessian"])

@@ -277,12 +277,15 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         rows = [{"step": 0, "mflops": start_mflops, "params": start_params, "val_pruned": None,
                  "val_finetuned": val(model)}]
         start_row.write_text(json.dumps(rows[0]) + "\n")
+    resume_from = None  # the last finished step: only its model is needed (earlier ones may be gone)
     for k, budget in enumerate(step_targets(start_mflops, config.target_mflops, config.steps), start=1):
         step_dir = out / f"step_{k}"
         if (step_dir / "done.json").is_file():
             rows.append(json.loads((step_dir / "done.json").read_text()))
-            model = load_state_with_layout(step_dir / "finetune" / "best.pt")
+            resume_from = step_dir / "finetune" / "best.pt"
             continue
+        if resume_from is not None:
+            model, resume_from = load_state_with_layout(resume_from), None
         if (step_dir / "pruned.pt").is_file():  # pruned before an interruption: same channels again
             model = load_state_with_layout(step_dir / "pruned.pt")
         else:
@@ -300,6 +303,8 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
             print(f"step {k}/{config.steps}: {mflops:.2f} MFLOPs (budget {budget:.2f}), val {row['val_pruned']:.4f}"
                   f" after pruning, {row['val_finetuned']:.4f} after fine-tuning")
 
+    if resume_from is not None:
+        model = load_state_with_layout(resume_from)
     if recovery is not None:
         result = train(model, data, recovery, out / "recovery", teacher=teacher, resume=True, device=device,
                        progress=progress, desc="recovery")
