@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# The release run, on the device machine (one H100): dense baseline, then Part 2 to 20 MFLOPs with
-# and without distillation and Part 1, side by side on the one GPU. The DEVELOPERS.md runbook says
-# which calls carry what; this script is what those calls run.
+# The release run, on the device machine (one H100): the dense baseline (or a carried one), then
+# side by side on the one GPU Part 2 to 20 and to 45 MFLOPs with distillation, and Part 1 followed
+# by Part 2 to 20 MFLOPs without distillation. The DEVELOPERS.md runbook says which calls carry
+# what; this script is what those calls run.
 #
 #   benchmarks/gpu_release.sh setup         unpack the carried CIFAR-10 parts, install the carried wheel
 #   benchmarks/gpu_release.sh start         start the pipeline in its own process session (it outlives
 #                                           the call that started it, as long as the machine is held)
 #   benchmarks/gpu_release.sh wait SECONDS  wait up to SECONDS for it, then pack its results into $OUT
 #
-# Settings (environment): RUN (run folder, default runs/lab2-20), BASELINE_EPOCHS (overrides the
-# baseline recipe's epochs), BASELINE (a trained dense model: skip the baseline and prune it, to 20
-# and to 45 MFLOPs with distillation, Part 1 beside them, then 20 MFLOPs without distillation). What comes back is state_dicts + channel layouts, summaries, tables and
-# logs in 15-MiB pieces ($OUT/results.tgz.NN; `cat results.tgz.* | tar xz`): the .pth/.pte are
-# rebuilt here with the pinned versions (`mobileprune export`).
+# Settings (environment):
+#   RUN              run folder (default runs/lab2-20)
+#   BASELINE         a trained dense model (.pt with its layout, or .pth): skip training one
+#   BASELINE_EPOCHS  overrides the baseline recipe's epochs when one is trained
+#   RECIPE_BASELINE, RECIPE_20, RECIPE_45   recipes (default baseline, lab2-20, lab2-45): the dense
+#                    baseline and Part 1; Part 2 with distillation (prune/, prune-45/); Part 2
+#                    without it (prune-nokd/, on RECIPE_20's budget, after Part 1)
+#   DATA_DIR         CIFAR-10 folder (default data/cifar-10-batches-bin, where setup unpacks)
+#   THREADS          CPU threads per job (default 5: three jobs on the 16 cores)
+# What comes back is state_dicts + channel layouts, summaries, tables and logs in 15-MiB pieces
+# ($OUT/results.tgz.NN; `cat results.tgz.* | tar xz`): the .pth/.pte are rebuilt here with the
+# pinned versions (`mobileprune export`). tests/test_gpu_release.py runs it on tiny data.
 set -uo pipefail
 RUN=${RUN:-runs/lab2-20}
+RECIPE_BASELINE=${RECIPE_BASELINE:-baseline} RECIPE_20=${RECIPE_20:-lab2-20} RECIPE_45=${RECIPE_45:-lab2-45}
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 MP="python3 -m mobileprune --no-progress"
-DATA="--data data/cifar-10-batches-bin"
+DATA="--data ${DATA_DIR:-data/cifar-10-batches-bin}"
 
 pipeline() {
     mkdir -p "$RUN"
@@ -25,18 +34,17 @@ pipeline() {
     if [ -n "${BASELINE:-}" ]; then
         base="--baseline $BASELINE"
     else
-        $MP train --recipe baseline --out "$RUN/baseline" --resume ${BASELINE_EPOCHS:+--epochs $BASELINE_EPOCHS} $DATA \
-            || { echo "baseline failed" >"$RUN/FAILED"; return 1; }
+        $MP train --recipe "$RECIPE_BASELINE" --out "$RUN/baseline" --resume ${BASELINE_EPOCHS:+--epochs $BASELINE_EPOCHS} \
+            $DATA || { echo "baseline failed" >"$RUN/FAILED"; return 1; }
         base="--baseline $RUN/baseline/mobilenet.pth"
     fi
     # Pruning searches run on the CPU: share its 16 cores instead of oversubscribing them.
-    export OMP_NUM_THREADS=5
-    $MP prune --recipe lab2-20 $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
-    if [ -n "${BASELINE:-}" ]; then
-        $MP prune --recipe lab2-45 $base --out "$RUN/prune-45" --no-export $DATA >"$RUN/prune-45.log" 2>&1 &
-    fi
-    { $MP finegrained --recipe baseline $base --out "$RUN/finegrained" --no-export $DATA >"$RUN/finegrained.log" 2>&1
-      $MP prune --recipe lab2-20 $base --out "$RUN/prune-nokd" --no-distill --no-export $DATA \
+    export OMP_NUM_THREADS=${THREADS:-5}
+    $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
+    $MP prune --recipe "$RECIPE_45" $base --out "$RUN/prune-45" --no-export $DATA >"$RUN/prune-45.log" 2>&1 &
+    { $MP finegrained --recipe "$RECIPE_BASELINE" $base --out "$RUN/finegrained" --no-export $DATA \
+        >"$RUN/finegrained.log" 2>&1
+      $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune-nokd" --no-distill --no-export $DATA \
         >"$RUN/prune-nokd.log" 2>&1; } &
     wait
     touch "$RUN/DONE"
