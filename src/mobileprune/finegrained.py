@@ -171,6 +171,27 @@ def allocate_sparsity(scan: dict, model: nn.Module, target_size: float, step: fl
 
 
 # ----------------------------------------------------------------------------- the Part 1 pipeline
+def parse_settings(settings: dict) -> dict:
+    """A recipe's ``[finegrained]`` table with its defaults filled in; unknown or bad keys are named."""
+    from .train import TrainConfig
+
+    settings = dict(settings)
+    train_config = TrainConfig.from_dict(settings.pop("train", {}))
+    parsed = {"train": train_config,
+              "target_size": float(settings.pop("target_size", 0.25)),
+              "scan_sparsities": tuple(float(x) for x in settings.pop("scan_sparsities", DEFAULT_SCAN_SPARSITIES)),
+              "scan_images": int(settings.pop("scan_images", 1000)),
+              "eval_resolution": int(settings.pop("eval_resolution", train_config.eval_resolution)),
+              **{k: bool(settings.pop(k, True)) for k in ("distill", "export", "bench")}}
+    if settings:
+        raise MobilepruneError(f"unknown [finegrained] settings {sorted(settings)}")
+    if not 0 < parsed["target_size"] < 1:
+        raise MobilepruneError(f"[finegrained] target_size {parsed['target_size']} must be a fraction between 0 and 1")
+    if not all(0 <= x <= 1 for x in parsed["scan_sparsities"]):
+        raise MobilepruneError("[finegrained] scan_sparsities must lie between 0 and 1")
+    return parsed
+
+
 def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Path, device: str = "cpu",
                     sparsity: dict[str, float] | None = None, progress: bool = True) -> dict:
     """Scan, allocate (or take ``sparsity`` by hand), prune, fine-tune with masks, measure, plot, export.
@@ -187,15 +208,10 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
     from .report import plot_bars, plot_sensitivity, plot_weight_distribution
     from .train import TrainConfig, train
 
-    settings = dict(settings)
-    train_config = TrainConfig.from_dict(settings.pop("train", {}))
-    target = float(settings.pop("target_size", 0.25))
-    scan_sparsities = tuple(settings.pop("scan_sparsities", DEFAULT_SCAN_SPARSITIES))
-    scan_images = int(settings.pop("scan_images", 1000))
-    size = int(settings.pop("eval_resolution", train_config.eval_resolution))
-    distill, do_export, do_bench = (bool(settings.pop(k, True)) for k in ("distill", "export", "bench"))
-    if settings:
-        raise MobilepruneError(f"unknown [finegrained] settings {sorted(settings)}")
+    parsed = parse_settings(settings)
+    train_config, target, size = parsed["train"], parsed["target_size"], parsed["eval_resolution"]
+    scan_sparsities, scan_images = parsed["scan_sparsities"], parsed["scan_images"]
+    distill, do_export, do_bench = parsed["distill"], parsed["export"], parsed["bench"]
     out = Path(out_dir)
     plots = out / "plots"
     dense = copy.deepcopy(baseline).to(device).eval()

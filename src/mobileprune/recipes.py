@@ -33,7 +33,40 @@ def load_recipe(name_or_path: str | Path) -> dict:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MobilepruneError(f"{path}: not valid TOML ({e})") from None
     recipe.setdefault("name", path.stem)
+    try:
+        check_recipe(recipe)
+    except MobilepruneError as e:
+        raise MobilepruneError(f"{path}: {e}") from None
     return recipe
+
+
+def check_recipe(recipe: dict) -> None:
+    """Parse every table the way its stage will, so that a typo fails at once, not an hour into a
+    run (or on a lent GPU, whose minutes are counted)."""
+    import inspect
+
+    from .channel import PruneStepConfig, ScheduleConfig, make_importance
+    from .data import load_cifar10, resize_matrix
+    from .finegrained import parse_settings
+    from .train import TrainConfig
+
+    known_data = set(inspect.signature(load_cifar10).parameters) - {"folder"}
+    if set(recipe.get("data", {})) - known_data:
+        raise MobilepruneError(f"unknown [data] settings {sorted(set(recipe['data']) - known_data)}; "
+                               f"known: {sorted(known_data)}")
+    trainings = []
+    if "baseline" in recipe:
+        trainings.append(TrainConfig.from_dict(recipe["baseline"]))
+    if "finegrained" in recipe:
+        trainings.append(parse_settings(recipe["finegrained"])["train"])
+    if "prune" in recipe:
+        schedule = ScheduleConfig.from_dict(dict(recipe["prune"]))
+        make_importance(PruneStepConfig.from_dict(schedule.prune).importance)
+        trainings += [TrainConfig.from_dict(t) for t in (schedule.finetune, schedule.recovery) if t]
+    for config in trainings:
+        variants = config.resize_variants
+        for variant in [variants] if isinstance(variants, str) else variants:
+            resize_matrix(variant, 2)  # an unknown resize names the known ones
 
 
 def section(recipe: dict, name: str) -> dict:

@@ -1,0 +1,29 @@
+"""Every shipped recipe parses the way its stages will; a typo is named at load time."""
+import pytest
+
+from mobileprune.errors import MobilepruneError
+from mobileprune.recipes import PROJECT_RECIPES, load_recipe
+
+
+@pytest.mark.parametrize("path", sorted(PROJECT_RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipe_loads(path):
+    recipe = load_recipe(path.stem)
+    assert recipe["description"] and ({"baseline", "finegrained", "prune"} & set(recipe))
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[data]\nval_sise = 10\n', "unknown [data] settings ['val_sise']"),
+    ('[baseline]\nepochs = 1\nlearning_rate = 0.1\n', "unknown training settings ['learning_rate']"),
+    ('[finegrained]\ntarget_size = 25\n', "target_size 25.0 must be a fraction"),
+    ('[finegrained.train]\nresize_variants = ["bicubic"]\n', "unknown resize variant 'bicubic'"),
+    ('[prune]\nsteps = 2\n', "[prune] needs target_mflops"),
+    ('[prune]\ntarget_mflops = 20\n[prune.prune]\nimportance = "l3"\n', "unknown importance 'l3'"),
+    ('[prune]\ntarget_mflops = 20\n[prune.prune]\nglobal = true\n', "unknown prune settings ['global']"),
+    ('[prune]\ntarget_mflops = 20\n[prune.recovery]\nepoch = 3\n', "unknown training settings ['epoch']"),
+])
+def test_recipe_mistakes_are_named_at_load(tmp_path, table, message):
+    path = tmp_path / "typo.toml"
+    path.write_text('description = "x"\n' + table)
+    with pytest.raises(MobilepruneError) as e:
+        load_recipe(path)
+    assert message in str(e.value) and "typo.toml" in str(e.value)
