@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -110,6 +112,45 @@ def test_scan_shape_and_cache(tmp_path):
     n = len(calls)
     assert fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=tmp_path / "scan.json") == scan
     assert len(calls) == n  # read from the cache
+
+
+def test_scan_resumes_after_interruption_and_rescans_other_weights(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 10))
+    x = torch.randn(16, 3, 8, 8)
+    reference = model(x).argmax(1)
+    cache = tmp_path / "scan.json"
+    calls, kill_at = [], [4]
+
+    def agreement(m):
+        calls.append(1)
+        if len(calls) == kill_at[0]:  # dense + the first layer's two sparsities, then the run is "killed"
+            raise RuntimeError("killed")
+        return (m(x).argmax(1) == reference).float().mean().item()
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=cache, progress=False)
+    partial = json.loads(cache.read_text())
+    assert list(partial["accuracy"]) == ["0.weight"]
+    assert torch.equal(model(x).argmax(1), reference)  # the interrupted layer was put back
+
+    calls.clear()
+    kill_at[0] = None
+    scan = fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=cache, progress=False)
+    assert len(calls) == 4  # only the two layers left, two sparsities each: no dense pass, no layer 0
+    assert set(scan["accuracy"]) == {"0.weight", "1.weight", "3.weight"}
+    assert scan["accuracy"]["0.weight"] == partial["accuracy"]["0.weight"]
+
+    # Other weights (another baseline) or another evaluation key: the cache is not trusted.
+    calls.clear()
+    fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=cache, progress=False, key={"scan_images": 8})
+    assert len(calls) == 1 + 3 * 2
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    calls.clear()
+    fg.sensitivity_scan(model, agreement, (0.5, 0.9), cache=cache, progress=False, key={"scan_images": 8})
+    assert len(calls) == 1 + 3 * 2
 
 
 def test_sensitivity_ranking_orders_layers_by_accuracy_lost():

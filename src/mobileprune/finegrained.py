@@ -7,6 +7,7 @@ weights stay zero through fine-tuning.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 from pathlib import Path
@@ -86,35 +87,66 @@ def relative_size(model: nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------- sensitivity
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the prunable weights: a cached scan is reused only for the model it measured."""
+    digest = hashlib.sha1()
+    for name, param in prunable_parameters(model).items():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
 def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
                      sparsities: tuple[float, ...] = DEFAULT_SCAN_SPARSITIES, cache: str | Path | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, key: dict | None = None) -> dict:
     """Accuracy with one layer at a time pruned to each sparsity, others dense.
 
-    Returns ``{"dense": acc, "sparsities": [...], "accuracy": {param_name: [acc per sparsity]}}``;
-    with ``cache``, a finished scan for the same sparsities is read back instead of recomputed.
+    Returns ``{"dense": acc, "sparsities": [...], "accuracy": {param_name: [acc per sparsity]}}``.
+    With ``cache``, the scan is written after every layer and an interrupted or finished scan is
+    picked up where it stopped (at 224 px on a CPU a full scan takes the better part of an hour);
+    it is reused only if the sparsities, the weights and ``key`` (what ``evaluate`` measures on,
+    e.g. the number of images) are the same, else it starts over.
     """
     sparsities = [float(s) for s in sparsities]
-    if cache is not None and Path(cache).is_file():
-        cached = json.loads(Path(cache).read_text())
-        if cached.get("sparsities") == sparsities and set(cached["accuracy"]) == set(prunable_parameters(model)):
-            return cached
-    result = {"dense": evaluate(model), "sparsities": sparsities, "accuracy": {}}
     params = prunable_parameters(model)
-    jobs = tqdm(params.items(), desc="sensitivity scan", disable=not progress, unit="layer")
+    signature = {"sparsities": sparsities, "weights": weights_fingerprint(model), **(key or {})}
+    result = None
+    if cache is not None and Path(cache).is_file():
+        try:
+            cached = json.loads(Path(cache).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = {}  # a scan cut off mid-write: start over
+        if cached.get("signature") == signature and set(cached.get("accuracy", {})) <= set(params):
+            result = cached
+    if result is None:
+        result = {"signature": signature, "dense": evaluate(model), "sparsities": sparsities, "accuracy": {}}
+        if cache is not None:
+            _write_json(Path(cache), result)
+    todo = {name: param for name, param in params.items() if name not in result["accuracy"]}
+    jobs = tqdm(todo.items(), desc="sensitivity scan", disable=not progress, unit="layer",
+                initial=len(params) - len(todo), total=len(params))
     for name, param in jobs:
         original = param.detach().clone()
         accuracies = []
-        for s in sparsities:
-            fine_grained_prune(param.data, s)
-            accuracies.append(evaluate(model))
+        try:
+            for s in sparsities:
+                fine_grained_prune(param.data, s)
+                accuracies.append(evaluate(model))
+        finally:  # interrupted or not, the caller gets its weights back
             param.data.copy_(original)
         result["accuracy"][name] = accuracies
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache).write_text(json.dumps(result, indent=1) + "\n")
+        if cache is not None:
+            _write_json(Path(cache), result)
     return result
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write through a temporary file, so a run killed mid-write leaves the previous version whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def sensitivity_ranking(scan: dict, sparsity: float) -> list[tuple[str, float]]:
@@ -227,7 +259,8 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
               "Parameters per layer", "parameters")
     if sparsity is None:
         scan = sensitivity_scan(model, lambda m: measure(m, "val", scan_images), scan_sparsities,
-                                cache=out / "sensitivity.json", progress=progress)
+                                cache=out / "sensitivity.json", progress=progress,
+                                key={"scan_images": scan_images, "resolution": size})
         sparsity = allocate_sparsity(scan, model, target)
         plot_sensitivity(scan, plots / "sensitivity.png", sparsity)
     (out / "sparsity.json").write_text(json.dumps(sparsity, indent=1) + "\n")
