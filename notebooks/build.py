@@ -137,7 +137,8 @@ print(f"size: {s['relative_size_after']:.2%} of dense (target {s['target_size']:
       f"{s['size_mib']:.2f} MiB of non-zeros against {s['dense_size_mib']:.2f} MiB)")"""),
     ("md", """### Question 6: accuracy before and after fine-tuning
 Fine-tuning keeps the masks (re-applied after every optimiser step, so pruned weights stay zero),
-with distillation from the dense model; the epoch is chosen on the validation split."""),
+distilled from the dense model where the recipe asks for it (`[finegrained] distill`); the epoch is
+chosen on the validation split."""),
     ("code", """display(Markdown((RESULTS / "finegrained" / "summary.md").read_text().split("\\n", 2)[2]))"""),
     ("md", """## Part 2: channel pruning
 

@@ -276,7 +276,9 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
     model = result.model.eval()
     pruner.apply(model)  # the best epoch was saved masked; re-applying proves it costs nothing
     summary.update(finetuned_val=result.best_val_accuracy, finetuned_test=measure(model, "test"),
-                   best_epoch=result.best_epoch, relative_size_after=relative_size(model))
+                   best_epoch=result.best_epoch, relative_size_after=relative_size(model),
+                   finetune_epochs=train_config.epochs, finetune_images=len(data.split("train")[1]),
+                   distill=distill)
     plot_weight_distribution(model, plots / "weights_pruned.png")
     save_pickled_model(model, out / "mobilenet.pth")
     save_state_with_layout(model, out, "mobilenet")  # to rebuild the .pth under other torch versions
@@ -300,10 +302,13 @@ def finegrained_markdown(s: dict, test_images: int) -> str:
              f"| dense | {s['dense_val']:.4f} | {s['dense_test']:.4f} |",
              f"| pruned, before fine-tuning | {s['pruned_val']:.4f} | {s['pruned_test']:.4f} |",
              f"| pruned, fine-tuned (best epoch {s['best_epoch']}) | {s['finetuned_val']:.4f} | "
-             f"{s['finetuned_test']:.4f} |", "",
-             f"Size: {s['relative_size_after']:.2%} of dense ({s['size_mib']:.2f} MiB of non-zeros against "
-             f"{s['dense_size_mib']:.2f} MiB, 32-bit; target {s['target_size']:.0%}); model sparsity "
-             f"{s['sparsity']:.2%}.", ""]
+             f"{s['finetuned_test']:.4f} |", ""]
+    if "finetune_epochs" in s:  # summaries written before these were recorded lack them
+        lines += [f"Fine-tuned {s['finetune_epochs']} epoch(s) on {s['finetune_images']:,} training images, "
+                  f"{'distilled from the dense model' if s['distill'] else 'on labels alone (no distillation)'}.", ""]
+    lines += [f"Size: {s['relative_size_after']:.2%} of dense ({s['size_mib']:.2f} MiB of non-zeros against "
+              f"{s['dense_size_mib']:.2f} MiB, 32-bit; target {s['target_size']:.0%}); model sparsity "
+              f"{s['sparsity']:.2%}.", ""]
     if "latency_ms" in s:
         lines += ["Latency of the `.pte` (ExecuTorch/XNNPACK, median ms per image):", "",
                   "| model | " + " | ".join(s["latency_ms"]) + " |", "|---|" + "---|" * len(s["latency_ms"]),
