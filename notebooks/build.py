@@ -69,9 +69,9 @@ else:
 What do the weight distributions of the layers have in common, and why does that help pruning?"""),
     ("code", """display(Image(RESULTS / "finegrained" / "plots" / "weights_dense.png"))"""),
     ("md", """Every layer's weights are centred on zero and bell-shaped, with most of the mass in a peak
-around zero and thin tails. They differ in scale: the range shrinks with depth (about ±1 in the
-first blocks, a few tenths in the last, as fan-in grows), and the depthwise layers (`fN.1.0`) are
-skewed, with a longer positive tail. Since most weights are close to zero, zeroing the smallest
+around zero and thin tails. They differ in scale: the range shrinks several-fold with depth as
+fan-in grows (read the x axes: the stem and first blocks are the widest), and the depthwise layers
+(`fN.1.0`) are skewed or even two-humped rather than bell-shaped. Since most weights are close to zero, zeroing the smallest
 ones changes each layer's output little: that is what makes magnitude pruning work, and the
 differing scales are why each layer gets its own threshold (a per-layer sparsity) rather than
 one global magnitude cut."""),
@@ -161,9 +161,16 @@ display(Markdown(markdown_table(schedule, {"step": "", "budget": ".2f", "mflops"
 display(Image(RESULTS / "prune" / "schedule.png"))
 display(Image(RESULTS / "prune" / "channels.png"))"""),
     ("md", """### What was tried, and what each bought
-Every channel-pruning run in the results folder, on the same baseline (criterion, global or
-per-layer ranking, resolution weighting: high-resolution blocks pruned harder, distillation):"""),
-    ("code", """runs = prune_rows(RESULTS)
+Every channel-pruning run of the first results folder that compares variants (one without
+distillation at least, beside the hand-in `prune/`), all from the same baseline to the same target:
+criterion, global or per-layer ranking, resolution weighting (high-resolution blocks pruned
+harder), distillation."""),
+    ("code", """try:
+    ABLATION = find_results(PROJECT, stages=("prune", "prune-nokd"))
+except MobilepruneError:
+    ABLATION = RESULTS  # no comparison anywhere: the hand-in alone
+print(f"runs in {ABLATION.relative_to(PROJECT) if ABLATION.is_absolute() else ABLATION}")
+runs = prune_rows(ABLATION)
 display(Markdown(markdown_table(runs, {"run": "", "MFLOPs": ".2f", "criterion": "", "global": "",
                                        "resolution weighting": "g", "KD": "", "validation": ".4f", "test": ".4f"})))
 reference = next(r for r in runs if r["run"] == "prune")
