@@ -68,12 +68,12 @@ else:
 ### Question 1: the weight distribution
 What do the weight distributions of the layers have in common, and why does that help pruning?"""),
     ("code", """display(Image(RESULTS / "finegrained" / "plots" / "weights_dense.png"))"""),
-    ("md", """Every layer's weights are centred on zero and bell-shaped, with most of the mass in a peak
+    ("md", """Every layer's weights are centred near zero, most of them bell-shaped with the mass in a peak
 around zero and thin tails. They differ in scale: the range shrinks several-fold with depth as
 fan-in grows (read the x axes: the stem and first blocks are the widest), and the depthwise layers
-(`fN.1.0`) are skewed or even two-humped rather than bell-shaped. Since most weights are close to zero, zeroing the smallest
-ones changes each layer's output little: that is what makes magnitude pruning work, and the
-differing scales are why each layer gets its own threshold (a per-layer sparsity) rather than
+(`fN.1.0`) are skewed or even two-humped. Since most weights are close to zero, zeroing the
+smallest ones changes each layer's output little: that is what makes magnitude pruning work, and
+the differing scales are why each layer gets its own threshold (a per-layer sparsity) rather than
 one global magnitude cut."""),
     ("md", """### Question 2: `fine_grained_prune`
 `mobileprune.finegrained.fine_grained_prune(tensor, sparsity)` zeroes `round(numel × sparsity)`

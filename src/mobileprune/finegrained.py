@@ -117,7 +117,7 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
             cached = json.loads(Path(cache).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             cached = {}  # a scan cut off mid-write: start over
-        if cached.get("signature") == signature and set(cached.get("accuracy", {})) <= set(params):
+        if cached.get("signature") == signature:  # the fingerprint covers the layer names too
             result = cached
     if result is None:
         result = {"signature": signature, "dense": evaluate(model), "sparsities": sparsities, "accuracy": {}}
