@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mobileprune import channel
+from mobileprune import train as train_module
 from mobileprune.data import load_cifar10
 from mobileprune.errors import MobilepruneError
 from mobileprune.evaluate import count_mflops
@@ -109,11 +110,19 @@ def test_gradient_criteria_land_on_target(dense, tmp_path, criterion):
     assert 150.0 - channel.LANDING_TOLERANCE <= count_mflops(pruned)[0] <= 150.0
 
 
-def test_schedule_without_teacher_ignores_the_recipes_kd_alpha(dense, tmp_path):
+def test_schedule_without_teacher_ignores_the_recipes_kd_alpha(dense, tmp_path, monkeypatch):
     # `mobileprune prune --no-distill` on a recipe whose fine-tune has kd_alpha > 0.
     data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)
     config = channel.ScheduleConfig(target_mflops=200.0, steps=1, distill=False, export=False,
                                     finetune=TINY_TRAIN, recovery=TINY_TRAIN)
+    recalibrated = []  # (images, MFLOPs of the model) per call: after each prune step, on the pruned model
+    real = train_module.recalibrate_batchnorm
+    monkeypatch.setattr(train_module, "recalibrate_batchnorm",
+                        lambda model, images, *a, **k: recalibrated.append((len(images), count_mflops(model)[0]))
+                        or real(model, images, *a, **k))
     summary = channel.run_schedule(dense, data, config, tmp_path / "run", progress=False)
     assert summary["distill"] is False and summary["mflops"] <= 200.0
     assert (tmp_path / "run" / "recovery" / "best.pt").is_file()
+    assert len(recalibrated) == 1 and recalibrated[0][0] == 32 and recalibrated[0][1] <= 200.0  # all 32 train images
+    with pytest.raises(MobilepruneError, match="bn_recalibration_images"):
+        channel.ScheduleConfig.from_dict({"target_mflops": 20.0, "bn_recalibration_images": -1})

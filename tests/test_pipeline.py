@@ -32,8 +32,11 @@ def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     assert fine["relative_size_after"] <= 0.25
     # 5 batches of 12 images less 10 held out for validation; distillation is the recipe's default
     assert fine["finetune_epochs"] == 1 and fine["finetune_images"] == 50 and fine["distill"] is True
-    assert "Fine-tuned 1 epoch(s) on 50 training images, distilled from the dense model." in \
-        (tmp_path / "run" / "finegrained" / "summary.md").read_text()
+    # BatchNorm re-estimated on every training image there is (the default asks for 1,000)
+    assert fine["bn_recalibration_images"] == 50 and 0 <= fine["pruned_val_dense_bn"] <= 1
+    fine_md = (tmp_path / "run" / "finegrained" / "summary.md").read_text()
+    assert "Fine-tuned 1 epoch(s) on 50 training images, distilled from the dense model." in fine_md
+    assert "re-estimated on 50 training images; with the dense model's statistics" in fine_md
     graded = json.loads((tmp_path / "run" / "grade.json").read_text())
     assert 149.5 <= graded["mflops"] <= 150.0 and graded["images"] == 6
     for plot in ("sensitivity", "sparsity", "weights_dense", "weights_pruned", "parameters"):

@@ -15,6 +15,8 @@ def test_shipped_recipe_loads(path):
     ('[data]\nval_sise = 10\n', "unknown [data] settings ['val_sise']"),
     ('[baseline]\nepochs = 1\nlearning_rate = 0.1\n', "unknown training settings ['learning_rate']"),
     ('[finegrained]\ntarget_size = 25\n', "target_size 25.0 must be a fraction"),
+    ('[finegrained]\nbn_recalibration_images = -5\n', "bn_recalibration_images must be 0 (off) or more"),
+    ('[prune]\ntarget_mflops = 20\nbn_recalibration_images = -1\n', "bn_recalibration_images must be 0"),
     ('[finegrained.train]\nresize_variants = ["bicubic"]\n', "unknown resize variant 'bicubic'"),
     ('[prune]\nsteps = 2\n', "[prune] needs target_mflops"),
     ('[prune]\ntarget_mflops = 20\n[prune.prune]\nimportance = "l3"\n', "unknown importance 'l3'"),

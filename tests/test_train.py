@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mobileprune.data import load_cifar10
+from mobileprune.data import load_cifar10, preprocess
 from mobileprune.errors import MobilepruneError
 from mobileprune.models import build_mobilenet_v2
-from mobileprune.train import TrainConfig, distillation_loss, train
+from mobileprune.train import TrainConfig, distillation_loss, recalibrate_batchnorm, train
 
 from conftest import make_cifar_dir
 
@@ -70,3 +70,28 @@ def test_distillation_pulls_student_towards_teacher(tiny_data, tmp_path):
 def test_unknown_recipe_setting_is_named():
     with pytest.raises(MobilepruneError, match=r"unknown training settings \['lr_max'\]"):
         TrainConfig.from_dict({"lr_max": 1})
+
+
+def test_batchnorm_recalibration_measures_the_images_and_touches_nothing_else():
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(conv, norm, torch.nn.ReLU()).eval()
+    norm.running_mean.fill_(5.0)  # statistics of some other model, as after pruning
+    norm.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        features = conv(preprocess(images, 32))
+    recalibrate_batchnorm(model, images, size=32, batch_size=10)
+    # two equal batches: the average of their means is the mean over all images
+    assert torch.allclose(norm.running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, features.var((0, 2, 3)), rtol=0.05)
+    assert norm.momentum == 0.1 and not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    with torch.no_grad():  # eval mode now normalises these features to zero mean, unit variance
+        normalised = norm(features)
+    assert normalised.mean().abs() < 1e-4 and normalised.var().item() == pytest.approx(1.0, rel=0.05)
+
+    before = norm.running_mean.clone()
+    recalibrate_batchnorm(model, images[:0], size=32)  # no images: statistics left as they are
+    assert torch.equal(norm.running_mean, before)

@@ -228,6 +228,9 @@ class ScheduleConfig:
     prune: dict = field(default_factory=dict)  # a PruneStepConfig
     finetune: dict = field(default_factory=dict)  # a TrainConfig, after each step
     recovery: dict = field(default_factory=dict)  # a TrainConfig, after the last step
+    # BatchNorm statistics re-estimated on this many training images after each step (0: off),
+    # so that "val after pruning" measures the pruned weights, not the dense model's statistics.
+    bn_recalibration_images: int = 1000
     export: bool = True
 
     @classmethod
@@ -237,6 +240,8 @@ class ScheduleConfig:
             raise MobilepruneError(f"unknown [prune] settings {sorted(set(values) - known)}; known: {sorted(known)}")
         if "target_mflops" not in values:
             raise MobilepruneError("[prune] needs target_mflops")
+        if values.get("bn_recalibration_images", 0) < 0:
+            raise MobilepruneError("[prune] bn_recalibration_images must be 0 (off) or more")
         return cls(**values)
 
 
@@ -250,7 +255,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     from .evaluate import accuracy
     from .models import channel_layout, load_state_with_layout, save_pickled_model, save_state_with_layout
     from .report import plot_channels, plot_schedule
-    from .train import TrainConfig, evaluate_stream, train
+    from .train import TrainConfig, evaluate_stream, recalibrate_batchnorm, train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +296,9 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         else:
             model = prune_to_mflops(model, budget, prune_config, data, device)
             save_state_with_layout(model, step_dir, "pruned")
-        mflops, params = count_mflops(model)
+        recalibrate_batchnorm(model, data.train_images[:config.bn_recalibration_images], finetune.eval_resolution,
+                              device=device)
+        mflops, params = count_mflops(model.cpu())
         row = {"step": k, "budget": budget, "mflops": mflops, "params": params, "val_pruned": val(model)}
         result = train(model, data, finetune, step_dir / "finetune", teacher=teacher, resume=True, device=device,
                        progress=progress, desc=f"step {k}/{config.steps} fine-tune")
