@@ -2,8 +2,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from mobileprune import finegrained as fg
+from mobileprune.data import preprocess
 from mobileprune.errors import MobilepruneError
 from mobileprune.models import build_mobilenet_v2
 
@@ -161,3 +163,18 @@ def test_sensitivity_ranking_orders_layers_by_accuracy_lost():
     assert ranking[0][1] == pytest.approx(0.6)
     with pytest.raises(MobilepruneError, match="was not scanned"):
         fg.sensitivity_ranking(scan, 0.7)
+
+
+def test_adaptive_batchnorm_scan_point_sees_fresh_statistics_and_restores_the_models():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model[1].running_mean.fill_(5.0)  # the dense model's statistics, stale once a layer is pruned
+    stale = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    seen = []
+    evaluate = fg.with_adaptive_batchnorm(lambda m: seen.append(m[1].running_mean.clone()) or 0.5, images, size=32)
+    assert evaluate(model) == 0.5
+    with torch.no_grad():
+        fresh = model[0](preprocess(images, 32)).mean((0, 2, 3))
+    assert torch.allclose(seen[0], fresh, atol=1e-5)  # evaluated on statistics of these images
+    assert all(torch.equal(buffer, stale[name]) for name, buffer in model.named_buffers())  # then put back

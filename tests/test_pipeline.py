@@ -14,6 +14,7 @@ RECIPE = {
     "name": "tiny",
     "baseline": TINY,
     "finegrained": {"target_size": 0.25, "scan_sparsities": [0.5, 0.9], "scan_images": 10, "eval_resolution": 32,
+                    "scan_bn_recalibration_images": 10,
                     "export": False, "train": {**TINY, "kd_alpha": 0.5}},
     "prune": {"target_mflops": 150.0, "steps": 1, "export": False, "finetune": {**TINY, "kd_alpha": 0.5}},
 }
@@ -34,6 +35,8 @@ def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     assert fine["finetune_epochs"] == 1 and fine["finetune_images"] == 50 and fine["distill"] is True
     # BatchNorm re-estimated on every training image there is (the default asks for 1,000)
     assert fine["bn_recalibration_images"] == 50 and 0 <= fine["pruned_val_dense_bn"] <= 1
+    scan = json.loads((tmp_path / "run" / "finegrained" / "sensitivity.json").read_text())
+    assert scan["signature"]["bn_recalibration_images"] == 10  # every scan point on adaptive BatchNorm
     fine_md = (tmp_path / "run" / "finegrained" / "summary.md").read_text()
     assert "Fine-tuned 1 epoch(s) on 50 training images, distilled from the dense model." in fine_md
     assert "re-estimated on 50 training images; with the dense model's statistics" in fine_md

@@ -7,6 +7,7 @@ weights stay zero through fine-tuning.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -141,6 +142,28 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
     return result
 
 
+def with_adaptive_batchnorm(evaluate: Callable[[nn.Module], float], images: torch.Tensor, size: int = 224,
+                            device: str | torch.device = "cpu") -> Callable[[nn.Module], float]:
+    """``evaluate`` run on BatchNorm statistics re-estimated on ``images`` (uint8 training images).
+
+    Adaptive BatchNorm (EagleEye, Li et al. 2020): a pruned candidate judged with the dense model's
+    statistics is judged partly on how stale they have become; re-estimated, the scan ranks what
+    pruning did to the weights. The model's own statistics are put back after each call.
+    """
+    from .train import recalibrate_batchnorm
+
+    def evaluate_recalibrated(model: nn.Module) -> float:
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        try:
+            recalibrate_batchnorm(model, images, size, device=device)
+            return evaluate(model)
+        finally:
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+
+    return evaluate_recalibrated
+
+
 def _write_json(path: Path, obj: dict) -> None:
     """Write through a temporary file, so a run killed mid-write leaves the previous version whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,14 +237,16 @@ def parse_settings(settings: dict) -> dict:
               "scan_sparsities": tuple(float(x) for x in settings.pop("scan_sparsities", DEFAULT_SCAN_SPARSITIES)),
               "scan_images": int(settings.pop("scan_images", 1000)),
               "bn_recalibration_images": int(settings.pop("bn_recalibration_images", 1000)),
+              "scan_bn_recalibration_images": int(settings.pop("scan_bn_recalibration_images", 0)),
               "eval_resolution": int(settings.pop("eval_resolution", train_config.eval_resolution)),
               **{k: bool(settings.pop(k, True)) for k in ("distill", "export", "bench")}}
     if settings:
         raise MobilepruneError(f"unknown [finegrained] settings {sorted(settings)}")
     if not 0 < parsed["target_size"] < 1:
         raise MobilepruneError(f"[finegrained] target_size {parsed['target_size']} must be a fraction between 0 and 1")
-    if parsed["bn_recalibration_images"] < 0:
-        raise MobilepruneError("[finegrained] bn_recalibration_images must be 0 (off) or more")
+    for key in ("bn_recalibration_images", "scan_bn_recalibration_images"):
+        if parsed[key] < 0:
+            raise MobilepruneError(f"[finegrained] {key} must be 0 (off) or more")
     if not all(0 <= x <= 1 for x in parsed["scan_sparsities"]):
         raise MobilepruneError("[finegrained] scan_sparsities must lie between 0 and 1")
     return parsed
@@ -233,6 +258,8 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
 
     ``settings`` is a recipe's ``[finegrained]`` table: ``target_size`` (fraction of dense size),
     ``scan_sparsities``, ``scan_images`` (validation images the scan uses), ``eval_resolution``,
+    ``bn_recalibration_images`` (training images BatchNorm is re-estimated on after pruning) and
+    ``scan_bn_recalibration_images`` (the same for every scan point; 0, the default, is off),
     ``distill`` (KD from the dense model while fine-tuning), ``export``/``bench`` (write the sparse
     ``.pte`` and time it against the dense one), and a ``train`` table (a TrainConfig).
     """
@@ -261,9 +288,15 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
     plot_bars({n: p.numel() for n, p in prunable_parameters(model).items()}, plots / "parameters.png",
               "Parameters per layer", "parameters")
     if sparsity is None:
-        scan = sensitivity_scan(model, lambda m: measure(m, "val", scan_images), scan_sparsities,
-                                cache=out / "sensitivity.json", progress=progress,
-                                key={"scan_images": scan_images, "resolution": size})
+        scan_recalibration = min(parsed["scan_bn_recalibration_images"], len(data.train_labels))
+        measure_scan_point = functools.partial(measure, split="val", limit=scan_images)
+        key = {"scan_images": scan_images, "resolution": size}
+        if scan_recalibration:  # absent when off, so scans cached before this option still match
+            measure_scan_point = with_adaptive_batchnorm(measure_scan_point, data.train_images[:scan_recalibration],
+                                                         size, device)
+            key["bn_recalibration_images"] = scan_recalibration
+        scan = sensitivity_scan(model, measure_scan_point, scan_sparsities, cache=out / "sensitivity.json",
+                                progress=progress, key=key)
         sparsity = allocate_sparsity(scan, model, target)
         plot_sensitivity(scan, plots / "sensitivity.png", sparsity)
     (out / "sparsity.json").write_text(json.dumps(sparsity, indent=1) + "\n")
