@@ -136,9 +136,12 @@ s = summary["finegrained"]
 print(f"size: {s['relative_size_after']:.2%} of dense (target {s['target_size']:.0%}; "
       f"{s['size_mib']:.2f} MiB of non-zeros against {s['dense_size_mib']:.2f} MiB)")"""),
     ("md", """### Question 6: accuracy before and after fine-tuning
-Fine-tuning keeps the masks (re-applied after every optimiser step, so pruned weights stay zero),
-distilled from the dense model where the recipe asks for it (`[finegrained] distill`); the epoch is
-chosen on the validation split."""),
+"Before fine-tuning" is measured after BatchNorm's running statistics are re-estimated on training
+images (`[finegrained] bn_recalibration_images`): with the dense model's statistics, which no
+longer fit the pruned layers, a pruned model can score at chance while its weights are mostly
+intact (the summary below gives both). Fine-tuning keeps the masks (re-applied after every
+optimiser step, so pruned weights stay zero), distilled from the dense model where the recipe asks
+for it (`[finegrained] distill`); the epoch is chosen on the validation split."""),
     ("code", """display(Markdown((RESULTS / "finegrained" / "summary.md").read_text().split("\\n", 2)[2]))"""),
     ("md", """## Part 2: channel pruning
 
