@@ -22,6 +22,7 @@ from torch import nn
 
 from .data import INPUT_SIZE, BatchStream
 from .errors import MobilepruneError
+from .files import write_json
 from .evaluate import count_mflops
 
 # MFLOPs a step may land below its budget: the grader's score rewards every MFLOP saved, but a
@@ -281,7 +282,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     else:
         rows = [{"step": 0, "mflops": start_mflops, "params": start_params, "val_pruned": None,
                  "val_finetuned": val(model)}]
-        start_row.write_text(json.dumps(rows[0]) + "\n")
+        write_json(start_row, rows[0], indent=None)
     resume_from = None  # the last finished step: only its model is needed (earlier ones may be gone)
     for k, budget in enumerate(step_targets(start_mflops, config.target_mflops, config.steps), start=1):
         step_dir = out / f"step_{k}"
@@ -304,7 +305,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
                        progress=progress, desc=f"step {k}/{config.steps} fine-tune")
         model = result.model.cpu().eval()
         row["val_finetuned"] = result.best_val_accuracy
-        (step_dir / "done.json").write_text(json.dumps(row) + "\n")
+        write_json(step_dir / "done.json", row, indent=None)
         rows.append(row)
         if progress:
             print(f"step {k}/{config.steps}: {mflops:.2f} MFLOPs (budget {budget:.2f}), val {row['val_pruned']:.4f}"
@@ -335,7 +336,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         from .export import export_pte
 
         export_pte(model, out / "mobilenet.pte")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import MobilepruneError
+from .files import write_json
 
 
 def _threads(text: str) -> tuple[int, ...]:
@@ -224,7 +225,7 @@ def cmd_grade(args) -> None:
     if args.save:
         folder = Path(args.save)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "grade.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        write_json(folder / "grade.json", result.to_dict())
         (folder / "grade.txt").write_text(format_grade(result) + "\n")
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
 

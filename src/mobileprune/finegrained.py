@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import MobilepruneError
+from .files import write_json
 
 DEFAULT_SCAN_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -123,7 +124,7 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
     if result is None:
         result = {"signature": signature, "dense": evaluate(model), "sparsities": sparsities, "accuracy": {}}
         if cache is not None:
-            _write_json(Path(cache), result)
+            write_json(cache, result)
     todo = {name: param for name, param in params.items() if name not in result["accuracy"]}
     jobs = tqdm(todo.items(), desc="sensitivity scan", disable=not progress, unit="layer",
                 initial=len(params) - len(todo), total=len(params))
@@ -138,7 +139,7 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
             param.data.copy_(original)
         result["accuracy"][name] = accuracies
         if cache is not None:
-            _write_json(Path(cache), result)
+            write_json(cache, result)
     return result
 
 
@@ -162,14 +163,6 @@ def with_adaptive_batchnorm(evaluate: Callable[[nn.Module], float], images: torc
                 buffer.copy_(buffers[name])
 
     return evaluate_recalibrated
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write through a temporary file, so a run killed mid-write leaves the previous version whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def sensitivity_ranking(scan: dict, sparsity: float) -> list[tuple[str, float]]:
@@ -299,7 +292,7 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
                                 progress=progress, key=key)
         sparsity = allocate_sparsity(scan, model, target)
         plot_sensitivity(scan, plots / "sensitivity.png", sparsity)
-    (out / "sparsity.json").write_text(json.dumps(sparsity, indent=1) + "\n")
+    write_json(out / "sparsity.json", sparsity)
     plot_bars(sparsity, plots / "sparsity.png", "Chosen sparsity per layer", "sparsity")
 
     pruner = FineGrainedPruner(model, sparsity)
@@ -333,7 +326,7 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
         if do_bench:
             timings = bench([out / "dense.pte", out / "mobilenet.pte"], warmup=5, repeats=30)
             summary["latency_ms"] = {f"{Path(t.model).stem}@{t.threads}": t.median_ms for t in timings}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(finegrained_markdown(summary, len(data.test_labels)))
     return summary
 

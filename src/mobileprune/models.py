@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import mobilenetv2
 
 from .errors import MobilepruneError, first_line
+from .files import write_json
 
 NUM_CLASSES = 10
 LAYOUT_VERSION = 1
@@ -136,7 +137,7 @@ def save_state_with_layout(model: nn.Module, directory: str | Path, stem: str = 
     directory.mkdir(parents=True, exist_ok=True)
     weights, layout = directory / f"{stem}.pt", directory / f"{stem}.layout.json"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
-    layout.write_text(json.dumps(channel_layout(model), indent=1) + "\n")
+    write_json(layout, channel_layout(model))
     return weights, layout
 
 

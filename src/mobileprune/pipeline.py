@@ -5,11 +5,11 @@ second ``mobileprune run`` resumes where the first stopped.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from .errors import MobilepruneError
+from .files import write_json
 
 
 def train_baseline(recipe: dict, data, out_dir: str | Path, device: str = "cpu", resume: bool = True,
@@ -35,7 +35,7 @@ def train_baseline(recipe: dict, data, out_dir: str | Path, device: str = "cpu",
                "test_accuracy": accuracy(result.model, data.test_images, data.test_labels, device=device,
                                          size=config.eval_resolution),
                "test_images": len(data.test_labels), "mflops": mflops, "params": params}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -86,7 +86,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
             shutil.copy(root / "prune" / name, submission / "model" / name)
     log(f"[4/4] grading the hand-in {submission}")
     result = grade(submission, data=data_dir, limit=grade_limit, device=device, progress=progress)
-    (root / "grade.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    write_json(root / "grade.json", result.to_dict())
     (root / "grade.txt").write_text(format_grade(result) + "\n")
     log(format_grade(result))
     report = write_report(root)
