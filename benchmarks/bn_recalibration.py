@@ -12,18 +12,20 @@ training images for each N asked. No training happens anywhere. On 2 CPU cores a
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import copy
+import sys
 
 from mobileprune.channel import PruneStepConfig, prune_to_mflops
 from mobileprune.data import find_data_dir, load_cifar10
+from mobileprune.errors import MobilepruneError
 from mobileprune.evaluate import accuracy, count_mflops
-from mobileprune.finegrained import FineGrainedPruner, relative_size
+from mobileprune.files import write_json
+from mobileprune.finegrained import FineGrainedPruner, read_sparsity_json, relative_size
 from mobileprune.models import load_model
 from mobileprune.train import recalibrate_batchnorm
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="dense model (.pth or .pt)")
     parser.add_argument("--sparsity-json", help="Part 1: per-layer sparsities ({param_name: sparsity})")
@@ -34,15 +36,24 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--data", help="CIFAR-10 folder (default: as every mobileprune command)")
     parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except MobilepruneError as e:
+        print(f"bn_recalibration: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def run(args) -> None:
+    baseline = load_model(args.baseline)  # the inputs first: a bad path fails before the data loads
+    sparsity = read_sparsity_json(args.sparsity_json) if args.sparsity_json else None
     data = load_cifar10(find_data_dir(args.data))
     val_images, val_labels = data.val_images[:args.val_images], data.val_labels[:args.val_images]
-    baseline = load_model(args.baseline)
     candidates = []
-    if args.sparsity_json:
-        model = load_model(args.baseline)
-        FineGrainedPruner(model, json.loads(Path(args.sparsity_json).read_text()))
+    if sparsity is not None:
+        model = copy.deepcopy(baseline)
+        FineGrainedPruner(model, sparsity)
         candidates.append((f"fine-grained, {relative_size(model):.2%} of dense size", model))
     for target in args.mflops:
         model = prune_to_mflops(baseline, target, PruneStepConfig())
@@ -61,8 +72,8 @@ def main() -> None:
     for row in rows:
         print(f"  {row['model']:<40} {row['statistics']:<38} {row['val_accuracy']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

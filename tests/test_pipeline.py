@@ -71,6 +71,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     folder = make_cifar_dir(tmp_path)
     assert main(["finegrained", "--recipe", "quick", "--data", str(folder)]) == 2
     assert "no baseline yet" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[0.5]")
+    for path, message in (("nosuch.json", "nosuch.json: cannot read a JSON sparsity dict"),
+                          ("list.json", "list.json: not a sparsity dict")):
+        assert main(["finegrained", "--recipe", "quick", "--data", str(folder), "--sparsity-json", path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
     assert main(["run", "--recipe", "nosuch"]) == 2
     assert "recipe 'nosuch' not found; available:" in capsys.readouterr().err
     (tmp_path / "bad.toml").write_text("[prune\n")

@@ -17,6 +17,8 @@ def test_shipped_recipe_loads(path):
     ('[finegrained]\ntarget_size = 25\n', "target_size 25.0 must be a fraction"),
     ('[finegrained]\nbn_recalibration_images = -5\n', "bn_recalibration_images must be 0 (off) or more"),
     ('[prune]\ntarget_mflops = 20\nbn_recalibration_images = -1\n', "bn_recalibration_images must be 0"),
+    ('[finegrained]\nscan_bn_recalibration_images = "all"\n', "scan_bn_recalibration_images must be 0 (off) or more"),
+    ('[prune]\ntarget_mflops = 20\nbn_recalibration_images = 2.5\n', "got 2.5"),
     ('[finegrained.train]\nresize_variants = ["bicubic"]\n', "unknown resize variant 'bicubic'"),
     ('[prune]\nsteps = 2\n', "[prune] needs target_mflops"),
     ('[prune]\ntarget_mflops = 20\n[prune.prune]\nimportance = "l3"\n', "unknown importance 'l3'"),

@@ -22,8 +22,9 @@ from torch import nn
 
 from .data import INPUT_SIZE, BatchStream
 from .errors import MobilepruneError
-from .files import write_json
 from .evaluate import count_mflops
+from .files import write_json
+from .recipes import check_image_count
 
 # MFLOPs a step may land below its budget: the grader's score rewards every MFLOP saved, but a
 # deeper cut than asked costs accuracy for nothing.
@@ -241,8 +242,7 @@ class ScheduleConfig:
             raise MobilepruneError(f"unknown [prune] settings {sorted(set(values) - known)}; known: {sorted(known)}")
         if "target_mflops" not in values:
             raise MobilepruneError("[prune] needs target_mflops")
-        if values.get("bn_recalibration_images", 0) < 0:
-            raise MobilepruneError("[prune] bn_recalibration_images must be 0 (off) or more")
+        check_image_count(values.get("bn_recalibration_images", 0), "[prune] bn_recalibration_images")
         return cls(**values)
 
 

@@ -241,7 +241,7 @@ def _baseline(args, recipe: dict):
 
 
 def cmd_finegrained(args) -> None:
-    from .finegrained import run_finegrained
+    from .finegrained import read_sparsity_json, run_finegrained
     from .recipes import load_recipe, section
 
     recipe = load_recipe(args.recipe)
@@ -254,10 +254,7 @@ def cmd_finegrained(args) -> None:
         settings["target_size"] = args.target_size
     sparsity = None
     if args.sparsity_json:
-        try:
-            sparsity = json.loads(Path(args.sparsity_json).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MobilepruneError(f"{args.sparsity_json}: cannot read a JSON sparsity dict ({e})") from None
+        sparsity = read_sparsity_json(args.sparsity_json)
     baseline = _baseline(args, recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "finegrained")
     summary = run_finegrained(baseline, load_data(args, recipe), settings, out, device=args.device or _auto_device(),

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .errors import MobilepruneError
 from .files import write_json
+from .recipes import check_image_count
 
 DEFAULT_SCAN_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -165,6 +166,17 @@ def with_adaptive_batchnorm(evaluate: Callable[[nn.Module], float], images: torc
     return evaluate_recalibrated
 
 
+def read_sparsity_json(path: str | Path) -> dict[str, float]:
+    """A per-layer sparsity dict written by hand or by a run (``{param_name: sparsity}``)."""
+    try:
+        sparsity = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobilepruneError(f"{path}: cannot read a JSON sparsity dict ({e})") from None
+    if not isinstance(sparsity, dict) or not all(isinstance(v, (int, float)) for v in sparsity.values()):
+        raise MobilepruneError(f"{path}: not a sparsity dict ({{param_name: sparsity}})")
+    return sparsity
+
+
 def sensitivity_ranking(scan: dict, sparsity: float) -> list[tuple[str, float]]:
     """Layers by accuracy lost when pruned alone to ``sparsity`` (a scanned value), most sensitive first."""
     if sparsity not in scan["sparsities"]:
@@ -229,8 +241,8 @@ def parse_settings(settings: dict) -> dict:
               "target_size": float(settings.pop("target_size", 0.25)),
               "scan_sparsities": tuple(float(x) for x in settings.pop("scan_sparsities", DEFAULT_SCAN_SPARSITIES)),
               "scan_images": int(settings.pop("scan_images", 1000)),
-              "bn_recalibration_images": int(settings.pop("bn_recalibration_images", 1000)),
-              "scan_bn_recalibration_images": int(settings.pop("scan_bn_recalibration_images", 0)),
+              "bn_recalibration_images": settings.pop("bn_recalibration_images", 1000),
+              "scan_bn_recalibration_images": settings.pop("scan_bn_recalibration_images", 0),
               "eval_resolution": int(settings.pop("eval_resolution", train_config.eval_resolution)),
               **{k: bool(settings.pop(k, True)) for k in ("distill", "export", "bench")}}
     if settings:
@@ -238,8 +250,7 @@ def parse_settings(settings: dict) -> dict:
     if not 0 < parsed["target_size"] < 1:
         raise MobilepruneError(f"[finegrained] target_size {parsed['target_size']} must be a fraction between 0 and 1")
     for key in ("bn_recalibration_images", "scan_bn_recalibration_images"):
-        if parsed[key] < 0:
-            raise MobilepruneError(f"[finegrained] {key} must be 0 (off) or more")
+        check_image_count(parsed[key], f"[finegrained] {key}")
     if not all(0 <= x <= 1 for x in parsed["scan_sparsities"]):
         raise MobilepruneError("[finegrained] scan_sparsities must lie between 0 and 1")
     return parsed

@@ -1,0 +1,29 @@
+"""The benchmark scripts' handling of bad input (their figures come from real runs, not tests)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from mobileprune.models import build_mobilenet_v2, save_state_with_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bn_recalibration_bad_inputs_are_one_line(tmp_path, capsys):
+    script = load_script("bn_recalibration")
+    assert script.main(["--baseline", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bn_recalibration: error: ") and "missing.pt" in err and err.count("\n") == 1
+    torch.manual_seed(0)
+    weights, _ = save_state_with_layout(build_mobilenet_v2(), tmp_path, "dense")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert script.main(["--baseline", str(weights), "--sparsity-json", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: cannot read a JSON sparsity dict" in err and err.count("\n") == 1
