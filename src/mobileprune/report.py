@@ -336,9 +336,8 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
     return copied
 
 
-# Where the notebook and ``package`` look for results, best first: the GPU release models, then the
-# CPU small-scale study, then the smoke run ``make run`` leaves.
-# Best first: the GPU releases, then the 224-px baseline pruned on the CPU, then the CPU studies.
+# Where the notebook and ``package`` look for results, best first: the GPU releases, then the 224-px
+# baseline pruned on the CPU, then the CPU small-scale study, then the smoke run ``make run`` leaves.
 RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/h100", "release/cpu-small", "runs/cpu-small",
                   "runs/quick")
 
