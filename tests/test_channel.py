@@ -126,3 +126,19 @@ def test_schedule_without_teacher_ignores_the_recipes_kd_alpha(dense, tmp_path, 
     assert len(recalibrated) == 1 and recalibrated[0][0] == 32 and recalibrated[0][1] <= 200.0  # all 32 train images
     with pytest.raises(MobilepruneError, match="bn_recalibration_images"):
         channel.ScheduleConfig.from_dict({"target_mflops": 20.0, "bn_recalibration_images": -1})
+
+
+def test_schedule_gives_each_stage_its_own_window_of_images(dense, tmp_path, monkeypatch):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)  # 32 training images
+    config = channel.ScheduleConfig.from_dict(dict(target_mflops=150.0, steps=2, export=False, images_per_step=12,
+                                                   finetune=TINY_TRAIN, recovery=TINY_TRAIN))
+    trained_on = []  # the training labels each stage's train() saw
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda model, stage, *a, **k:
+                        trained_on.append(stage.train_labels) or real(model, stage, *a, **k))
+    summary = channel.run_schedule(dense, data, config, tmp_path / "run", progress=False)
+    assert summary["images_per_step"] == 12
+    windows = [torch.arange(12), torch.arange(12, 24), torch.arange(24, 36) % 32]  # steps 1, 2, recovery
+    assert [t.tolist() for t in trained_on] == [data.train_labels[w].tolist() for w in windows]
+    with pytest.raises(MobilepruneError, match="images_per_step"):
+        channel.ScheduleConfig.from_dict({"target_mflops": 20.0, "images_per_step": 1.5})

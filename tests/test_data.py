@@ -84,6 +84,18 @@ def test_validation_split_is_held_out_and_fixed_by_seed(tmp_path):
     assert not any(bytes(x.numpy()) in train_rows for x in a.val_images)
 
 
+def test_train_window_takes_the_next_images_and_wraps(tmp_path):
+    full = data.load_cifar10(make_cifar_dir(tmp_path, per_batch=4, test=2), val_size=6)  # 14 training images
+    first, wrapped = data.train_window(full, 0, 5), data.train_window(full, 10, 6)
+    assert torch.equal(first.train_images, full.train_images[:5])
+    assert torch.equal(first.train_labels, full.train_labels[:5])
+    assert torch.equal(wrapped.train_labels, torch.cat([full.train_labels[10:], full.train_labels[:2]]))
+    assert torch.equal(wrapped.val_images, full.val_images) and torch.equal(wrapped.test_labels, full.test_labels)
+    for count in (0, 15):
+        with pytest.raises(MobilepruneError, match="does not fit a training split of 14"):
+            data.train_window(full, 0, count)
+
+
 def test_torchvision_resize_equals_interpolate():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)

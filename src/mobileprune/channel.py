@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import INPUT_SIZE, BatchStream
+from .data import INPUT_SIZE, BatchStream, train_window
 from .errors import MobilepruneError
 from .evaluate import count_mflops
 from .files import write_json
@@ -233,6 +233,9 @@ class ScheduleConfig:
     # BatchNorm statistics re-estimated on this many training images after each step (0: off),
     # so that "val after pruning" measures the pruned weights, not the dense model's statistics.
     bn_recalibration_images: int = 1000
+    # > 0: each stage (every step's prune and fine-tune, then the recovery) trains on its own window
+    # of this many training images, the next ones in the split; 0: every stage on the whole split.
+    images_per_step: int = 0
     export: bool = True
 
     @classmethod
@@ -242,7 +245,8 @@ class ScheduleConfig:
             raise MobilepruneError(f"unknown [prune] settings {sorted(set(values) - known)}; known: {sorted(known)}")
         if "target_mflops" not in values:
             raise MobilepruneError("[prune] needs target_mflops")
-        check_image_count(values.get("bn_recalibration_images", 0), "[prune] bn_recalibration_images")
+        for name in ("bn_recalibration_images", "images_per_step"):
+            check_image_count(values.get(name, 0), f"[prune] {name}")
         return cls(**values)
 
 
@@ -270,6 +274,11 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
                 train_config.kd_alpha = 0.0
     dense_layout = channel_layout(baseline)
 
+    def stage_data(stage: int):  # stage 1..steps, then steps + 1 for the recovery
+        if not config.images_per_step:
+            return data
+        return train_window(data, (stage - 1) * config.images_per_step, config.images_per_step)
+
     def val(m: nn.Module) -> float:
         stream = BatchStream(data.val_images, data.val_labels, finetune.eval_batch_size, device)
         return evaluate_stream(m.to(device), stream, finetune, torch.device(device))
@@ -285,7 +294,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         write_json(start_row, rows[0], indent=None)
     resume_from = None  # the last finished step: only its model is needed (earlier ones may be gone)
     for k, budget in enumerate(step_targets(start_mflops, config.target_mflops, config.steps), start=1):
-        step_dir = out / f"step_{k}"
+        step_dir, step_data = out / f"step_{k}", stage_data(k)
         if (step_dir / "done.json").is_file():
             rows.append(json.loads((step_dir / "done.json").read_text()))
             resume_from = step_dir / "finetune" / "best.pt"
@@ -295,13 +304,13 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         if (step_dir / "pruned.pt").is_file():  # pruned before an interruption: same channels again
             model = load_state_with_layout(step_dir / "pruned.pt")
         else:
-            model = prune_to_mflops(model, budget, prune_config, data, device)
+            model = prune_to_mflops(model, budget, prune_config, step_data, device)
             save_state_with_layout(model, step_dir, "pruned")
-        recalibrate_batchnorm(model, data.train_images[:config.bn_recalibration_images], finetune.eval_resolution,
+        recalibrate_batchnorm(model, step_data.train_images[:config.bn_recalibration_images], finetune.eval_resolution,
                               device=device)
         mflops, params = count_mflops(model.cpu())
         row = {"step": k, "budget": budget, "mflops": mflops, "params": params, "val_pruned": val(model)}
-        result = train(model, data, finetune, step_dir / "finetune", teacher=teacher, resume=True, device=device,
+        result = train(model, step_data, finetune, step_dir / "finetune", teacher=teacher, resume=True, device=device,
                        progress=progress, desc=f"step {k}/{config.steps} fine-tune")
         model = result.model.cpu().eval()
         row["val_finetuned"] = result.best_val_accuracy
@@ -314,8 +323,8 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     if resume_from is not None:
         model = load_state_with_layout(resume_from)
     if recovery is not None:
-        result = train(model, data, recovery, out / "recovery", teacher=teacher, resume=True, device=device,
-                       progress=progress, desc="recovery")
+        result = train(model, stage_data(config.steps + 1), recovery, out / "recovery", teacher=teacher,
+                       resume=True, device=device, progress=progress, desc="recovery")
         model = result.model.cpu().eval()
         rows.append({"step": "recovery", "mflops": rows[-1]["mflops"], "params": rows[-1]["params"],
                      "val_pruned": None, "val_finetuned": result.best_val_accuracy})
@@ -325,7 +334,8 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
                "val_accuracy": rows[-1]["val_finetuned"], "dense_mflops": start_mflops,
                "test_accuracy": accuracy(model, data.test_images, data.test_labels, device=device,
                                          size=finetune.eval_resolution),
-               "test_images": len(data.test_labels), "distill": config.distill, "prune": config.prune}
+               "test_images": len(data.test_labels), "distill": config.distill, "prune": config.prune,
+               "images_per_step": config.images_per_step}
     _write_csv(rows, out / "schedule.csv")
     _write_csv(channel_table(baseline, model), out / "channels.csv")
     plot_schedule(rows, out / "schedule.png", config.target_mflops)

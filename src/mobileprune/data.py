@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +189,19 @@ def load_cifar10(folder: Path, val_size: int = 5000, seed: int = 0, train_limit:
     test_images, test_labels = load_split(folder, "test")
     return Cifar10(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx],
                    test_images[:test_limit], test_labels[:test_limit])
+
+
+def train_window(data: Cifar10, start: int, count: int) -> Cifar10:
+    """``data`` with its training split cut to ``count`` images from ``start``, wrapping at the end.
+
+    A schedule gives each of its stages its own window, so that three fine-tunes on a CPU budget
+    see 30,000 different images rather than the same 10,000 three times.
+    """
+    size = len(data.train_labels)
+    if not 0 < count <= size:
+        raise MobilepruneError(f"a training window of {count} images does not fit a training split of {size}")
+    index = (torch.arange(count) + start) % size
+    return replace(data, train_images=data.train_images[index], train_labels=data.train_labels[index])
 
 
 # ----------------------------------------------------------------------------- preprocessing
