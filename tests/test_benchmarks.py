@@ -27,3 +27,28 @@ def test_bn_recalibration_bad_inputs_are_one_line(tmp_path, capsys):
     assert script.main(["--baseline", str(weights), "--sparsity-json", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "bad.json: cannot read a JSON sparsity dict" in err and err.count("\n") == 1
+
+
+def test_kd_cost_bad_inputs_are_one_line(tmp_path, capsys):
+    script = load_script("kd_cost")
+    assert script.main(["--teacher", str(tmp_path / "missing.pt"), str(tmp_path / "student.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd_cost: error: ") and "missing.pt" in err and err.count("\n") == 1
+    weights, _ = save_state_with_layout(build_mobilenet_v2(), tmp_path, "dense")
+    (tmp_path / "student.pth").write_bytes(b"truncated")
+    assert script.main(["--teacher", str(weights), str(tmp_path / "student.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd_cost: error: ") and "student.pth" in err and err.count("\n") == 1
+
+
+def test_kd_cost_runs_the_teacher_on_the_distilled_pass_only(cifar_dir):
+    from mobileprune.data import load_cifar10
+    script = load_script("kd_cost")
+    data = load_cifar10(cifar_dir, val_size=8, train_limit=32)
+    torch.manual_seed(0)
+    teacher = build_mobilenet_v2().eval()
+    batches_seen = []
+    teacher.register_forward_hook(lambda module, inputs, output: batches_seen.append(len(inputs[0])))
+    seconds = script.time_passes(build_mobilenet_v2(), teacher, data, batch_size=16, size=32)
+    assert set(seconds) == {"labels alone", "distilled"} and all(s > 0 for s in seconds.values())
+    assert sum(batches_seen) == 32  # every training image once, in the distilled pass and no other
