@@ -16,6 +16,8 @@
 #   RECIPE_BASELINE, RECIPE_20, RECIPE_45   recipes (default baseline, lab2-20, lab2-45): the dense
 #                    baseline and Part 1; Part 2 with distillation (prune/, prune-45/); Part 2
 #                    without it (prune-nokd/, on RECIPE_20's budget, after Part 1)
+#   PARTS            which runs, of: prune prune-45 finegrained prune-nokd (default all four); a
+#                    session with less device time runs fewer, e.g. PARTS="prune finegrained"
 #   DATA_DIR         CIFAR-10 folder (default data/cifar-10-batches-bin, where setup unpacks)
 #   THREADS          CPU threads per job (default 5: three jobs on the 16 cores)
 # What comes back is state_dicts + channel layouts, summaries, tables and logs in 15-MiB pieces
@@ -27,6 +29,9 @@ RECIPE_BASELINE=${RECIPE_BASELINE:-baseline} RECIPE_20=${RECIPE_20:-lab2-20} REC
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 MP="python3 -m mobileprune --no-progress"
 DATA="--data ${DATA_DIR:-data/cifar-10-batches-bin}"
+ALL_PARTS="prune prune-45 finegrained prune-nokd"
+PARTS=${PARTS:-$ALL_PARTS}
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
 pipeline() {
     mkdir -p "$RUN"
@@ -40,12 +45,13 @@ pipeline() {
     fi
     # Pruning searches run on the CPU: share its 16 cores instead of oversubscribing them.
     export OMP_NUM_THREADS=${THREADS:-5}
-    $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
-    $MP prune --recipe "$RECIPE_45" $base --out "$RUN/prune-45" --no-export $DATA >"$RUN/prune-45.log" 2>&1 &
-    { $MP finegrained --recipe "$RECIPE_BASELINE" $base --out "$RUN/finegrained" --no-export $DATA \
-        >"$RUN/finegrained.log" 2>&1
-      $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune-nokd" --no-distill --no-export $DATA \
-        >"$RUN/prune-nokd.log" 2>&1; } &
+    wants prune && $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune" --no-export $DATA >"$RUN/prune.log" 2>&1 &
+    wants prune-45 && $MP prune --recipe "$RECIPE_45" $base --out "$RUN/prune-45" --no-export $DATA \
+        >"$RUN/prune-45.log" 2>&1 &
+    { wants finegrained && $MP finegrained --recipe "$RECIPE_BASELINE" $base --out "$RUN/finegrained" --no-export \
+        $DATA >"$RUN/finegrained.log" 2>&1
+      wants prune-nokd && $MP prune --recipe "$RECIPE_20" $base --out "$RUN/prune-nokd" --no-distill --no-export \
+        $DATA >"$RUN/prune-nokd.log" 2>&1; } &
     wait
     touch "$RUN/DONE"
 }
@@ -79,6 +85,9 @@ case "${1:-}" in
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
         ;;
     start)
+        for part in $PARTS; do  # a misspelt part would otherwise run nothing and say DONE
+            [[ " $ALL_PARTS " == *" $part "* ]] || { echo "PARTS: unknown part '$part'; known: $ALL_PARTS" >&2; exit 2; }
+        done
         mkdir -p "$RUN"
         setsid nohup bash "$0" pipeline >>"$RUN/pipeline.log" 2>&1 </dev/null &
         echo "started; log: $RUN/pipeline.log"
