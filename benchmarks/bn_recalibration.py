@@ -17,7 +17,7 @@ import sys
 
 from mobileprune.channel import PruneStepConfig, prune_to_mflops
 from mobileprune.data import find_data_dir, load_cifar10
-from mobileprune.errors import MobilepruneError
+from mobileprune.errors import exit_code
 from mobileprune.evaluate import accuracy, count_mflops
 from mobileprune.files import write_json
 from mobileprune.finegrained import FineGrainedPruner, read_sparsity_json, relative_size
@@ -37,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="CIFAR-10 folder (default: as every mobileprune command)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except MobilepruneError as e:
-        print(f"bn_recalibration: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("bn_recalibration", lambda: run(args))
 
 
 def run(args) -> None:

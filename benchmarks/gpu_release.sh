@@ -31,7 +31,8 @@ MP="python3 -m mobileprune --no-progress"
 DATA="--data ${DATA_DIR:-data/cifar-10-batches-bin}"
 ALL_PARTS="prune prune-45 finegrained prune-nokd"
 PARTS=${PARTS:-$ALL_PARTS}
-wants() { [[ " $PARTS " == *" $1 "* ]]; }
+listed() { [[ " $2 " == *" $1 "* ]]; }  # listed WORD "LIST OF WORDS"
+wants() { listed "$1" "$PARTS"; }
 
 pipeline() {
     mkdir -p "$RUN"
@@ -86,7 +87,7 @@ case "${1:-}" in
         ;;
     start)
         for part in $PARTS; do  # a misspelt part would otherwise run nothing and say DONE
-            [[ " $ALL_PARTS " == *" $part "* ]] || { echo "PARTS: unknown part '$part'; known: $ALL_PARTS" >&2; exit 2; }
+            listed "$part" "$ALL_PARTS" || { echo "PARTS: unknown part '$part'; known: $ALL_PARTS" >&2; exit 2; }
         done
         mkdir -p "$RUN"
         setsid nohup bash "$0" pipeline >>"$RUN/pipeline.log" 2>&1 </dev/null &

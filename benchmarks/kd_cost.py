@@ -17,7 +17,7 @@ import time
 from torch import nn
 
 from mobileprune.data import Cifar10, find_data_dir, load_cifar10
-from mobileprune.errors import MobilepruneError
+from mobileprune.errors import exit_code
 from mobileprune.evaluate import count_mflops
 from mobileprune.models import load_model
 from mobileprune.train import TrainConfig, train
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="CIFAR-10 folder (default: as every mobileprune command)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except MobilepruneError as e:
-        print(f"kd_cost: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("kd_cost", lambda: run(args))
 
 
 def run(args) -> None:

@@ -52,3 +52,18 @@ def test_kd_cost_runs_the_teacher_on_the_distilled_pass_only(cifar_dir):
     seconds = script.time_passes(build_mobilenet_v2(), teacher, data, batch_size=16, size=32)
     assert set(seconds) == {"labels alone", "distilled"} and all(s > 0 for s in seconds.values())
     assert sum(batches_seen) == 32  # every training image once, in the distilled pass and no other
+
+
+def test_commands_share_one_way_of_ending(capsys):
+    # mobileprune and the benchmark scripts end through errors.exit_code: 0, one line and 2, or 130.
+    from mobileprune.errors import MobilepruneError, exit_code
+
+    def fail():
+        raise MobilepruneError("x.pt: no such file")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    assert exit_code("tool", lambda: None) == 0 and capsys.readouterr().err == ""
+    assert exit_code("tool", fail) == 2 and capsys.readouterr().err == "tool: error: x.pt: no such file\n"
+    assert exit_code("tool", interrupt) == 130 and capsys.readouterr().err == "tool: interrupted\n"

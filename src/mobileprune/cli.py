@@ -9,7 +9,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from .errors import MobilepruneError
+from .errors import MobilepruneError, exit_code
 from .files import write_json
 
 
@@ -342,15 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     # Library warnings (torch.export, pytree) are noise on a user's terminal.
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1" if args.no_progress else "")
-    try:
-        COMMANDS[args.command](args)
-    except MobilepruneError as e:
-        print(f"mobileprune: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("mobileprune: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code("mobileprune", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

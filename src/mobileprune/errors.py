@@ -1,4 +1,8 @@
 """The one error type users see: the CLI prints its message on one line and exits with code 2."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class MobilepruneError(Exception):
@@ -11,3 +15,20 @@ def first_line(error: BaseException) -> str:
     """The first line of a library's exception text (torch's run to many), for a one-line error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def exit_code(program: str, action: Callable[[], object]) -> int:
+    """Run ``action`` as a command named ``program``: 0, or its error on one line and a non-zero code.
+
+    The ``mobileprune`` CLI and the benchmark scripts share this, so none of them shows a traceback
+    for bad input.
+    """
+    try:
+        action()
+    except MobilepruneError as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+    return 0
