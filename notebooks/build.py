@@ -153,7 +153,9 @@ for it (`[finegrained] distill`); the epoch is chosen on the validation split.""
   counting MFLOPs exactly as the grader does after every candidate, then a global step over the
   cheap 14- and 7-px blocks takes it to within 0.5 MFLOPs below the step's budget.
 - **Schedule**: budgets fall geometrically from 319 MFLOPs to the target in N steps, each followed
-  by a short fine-tune; then a longer recovery.
+  by a short fine-tune; then a longer recovery. A model whose recovery was still climbing is
+  trained further with its channels unchanged (`mobileprune recover`, kept only if validation
+  improves): the `recover` rows below, when there are any.
 - **Recovery**: SGD with Nesterov momentum, cosine learning rate, label smoothing, and knowledge
   distillation from the dense model (KL at temperature 4 mixed with cross-entropy).
 

@@ -142,3 +142,81 @@ def test_schedule_gives_each_stage_its_own_window_of_images(dense, tmp_path, mon
     assert [t.tolist() for t in trained_on] == [data.train_labels[w].tolist() for w in windows]
     with pytest.raises(MobilepruneError, match="images_per_step"):
         channel.ScheduleConfig.from_dict({"target_mflops": 20.0, "images_per_step": 1.5})
+
+
+def test_recover_trains_further_keeps_channels_and_resumes(dense, pruned45, tmp_path, monkeypatch):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)  # 32 training images
+    config = channel.RecoveryConfig.from_dict(dict(train=TINY_TRAIN, images=12, skip_images=28, export=False))
+    trained_on = []
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda model, stage, *a, **k:
+                        trained_on.append(stage.train_labels) or real(model, stage, *a, **k))
+    out = tmp_path / "recover"
+    summary = channel.recover(pruned45, data, config, out, teacher=dense, progress=False)
+    assert trained_on[0].tolist() == data.train_labels[torch.arange(28, 40) % 32].tolist()  # the window wraps
+    assert summary["mflops"] == count_mflops(pruned45)[0] and summary["images"] == 12
+    assert summary["kept"] in ("trained", "start")
+    assert summary["val_accuracy"] == max(summary["val_before"], summary["val_trained"])
+    result = load_pickled_model(out / "mobilenet.pth")
+    assert count_mflops(result)[0] == summary["mflops"]
+    # Rerun: the finished epoch and the starting validation are read back, not redone.
+    trained = (out / "train" / "last.pt").stat().st_mtime_ns
+    assert channel.recover(pruned45, data, config, out, teacher=dense, progress=False) == summary
+    assert (out / "train" / "last.pt").stat().st_mtime_ns == trained
+
+
+def test_recover_keeps_the_start_model_when_training_does_not_help(pruned45, tmp_path, monkeypatch):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)
+    config = channel.RecoveryConfig.from_dict(dict(train=TINY_TRAIN, distill=False, export=False))
+    real = train_module.train
+
+    def ruinous(model, *args, **kwargs):  # training that only does harm: the weights come back as noise
+        result = real(model, *args, **kwargs)
+        for p in result.model.parameters():
+            p.data.normal_()
+        result.best_val_accuracy = -1.0
+        return result
+
+    monkeypatch.setattr(train_module, "train", ruinous)
+    summary = channel.recover(pruned45, data, config, tmp_path / "out", progress=False)
+    assert summary["kept"] == "start" and summary["val_accuracy"] == summary["val_before"]
+    kept = load_pickled_model(tmp_path / "out" / "mobilenet.pth")
+    for a, b in zip(kept.state_dict().values(), pruned45.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_recover_needs_a_dense_teacher_and_known_settings(dense, pruned45, tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)
+    config = channel.RecoveryConfig(train=TINY_TRAIN, export=False)
+    with pytest.raises(MobilepruneError, match="needs the dense model as teacher"):
+        channel.recover(pruned45, data, config, tmp_path / "a", progress=False)
+    with pytest.raises(MobilepruneError, match="not larger than the model"):
+        channel.recover(dense, data, config, tmp_path / "b", teacher=pruned45, progress=False)
+    with pytest.raises(MobilepruneError, match=r"unknown \[recover\] settings \['epochs'\]"):
+        channel.RecoveryConfig.from_dict({"epochs": 3})
+    with pytest.raises(MobilepruneError, match="skip_images"):
+        channel.RecoveryConfig.from_dict({"skip_images": -1})
+
+
+def test_recover_of_a_schedule_run_carries_its_record_forward(dense, tmp_path):
+    from mobileprune.models import load_state_with_layout
+    from mobileprune.report import find_stages, read_schedule
+
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=8)
+    run = tmp_path / "run"
+    channel.run_schedule(dense, data, channel.ScheduleConfig(target_mflops=150.0, steps=1, export=False,
+                                                             finetune=TINY_TRAIN), run, progress=False)
+    config = channel.RecoveryConfig(train=TINY_TRAIN, export=False)
+    out = tmp_path / "more"
+    summary = channel.recover(load_state_with_layout(run / "mobilenet.pt"), data, config, out, teacher=dense,
+                              progress=False, source_run=run)
+    assert summary["target_mflops"] == 150.0 and summary["recovered_from"] == str(run)
+    rows = read_schedule(out / "schedule.csv")
+    assert rows[:-1] == read_schedule(run / "schedule.csv")
+    assert rows[-1]["step"] == "recover" and rows[-1]["val_finetuned"] == summary["val_accuracy"]
+    assert (out / "channels.csv").read_text() == (run / "channels.csv").read_text()
+    stages = find_stages(tmp_path)
+    assert out in stages["prune"] and out in stages["recover"] and run not in stages["recover"]
+    with pytest.raises(MobilepruneError, match="not a Part 2 run folder"):
+        channel.recover(load_state_with_layout(run / "mobilenet.pt"), data, config,
+                        tmp_path / "x", teacher=dense, progress=False, source_run=tmp_path / "d")

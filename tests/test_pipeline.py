@@ -102,3 +102,46 @@ def test_cli_train_writes_the_baseline_and_its_summary(tmp_path, capsys):
     assert summary["recipe"] == "tiny" and summary["best_epoch"] == 1 and summary["test_images"] == 6
     assert summary["mflops"] == pytest.approx(318.969098)
     assert (out / "mobilenet.pth").is_file() and "best epoch 1" in capsys.readouterr().out
+
+
+def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_model):
+    from mobileprune.models import build_mobilenet_v2, save_pickled_model, save_state_with_layout
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    recipe = tmp_path / "more.toml"
+    recipe.write_text("[data]\nval_size = 10\n\n[recover]\nimages = 20\nskip_images = 40\nexport = false\n\n"
+                      "[recover.train]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"')
+                                                   for k, v in {**TINY, "epochs": 5, "kd_alpha": 0.5}.items()))
+    save_state_with_layout(pruned_model, tmp_path, "pruned")
+    save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
+    args = ["--no-progress", "recover", str(tmp_path / "pruned.pt"), "--recipe", str(recipe), "--data", str(folder),
+            "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "a"), "--teacher", str(tmp_path / "nosuch.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch.pth" in err and err.count("\n") == 1
+    assert main(args + ["--out", str(tmp_path / "a"), "--teacher", str(tmp_path / "dense.pth"), "--epochs", "1"]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["distill"] and summary["images"] == 20 and summary["skip_images"] == 40
+    assert "MFLOPs, val" in capsys.readouterr().out and (tmp_path / "a" / "mobilenet.pth").is_file()
+    # A release of the run: the model and the history come along, the resume checkpoints do not.
+    assert main(["report", str(tmp_path / "rel"), "--collect", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "rel" / "a" / "mobilenet.pth").is_file() and (tmp_path / "rel" / "a" / "train" / "history.csv").is_file()
+    assert not (tmp_path / "rel" / "a" / "train" / "last.pt").exists()
+    text = (tmp_path / "rel" / "REPORT.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `a` |"))
+    assert f"| {summary['val_before']:.4f} | {summary['val_trained']:.4f} | {summary['kept']} |" in row
+    assert "| – | " in row and "| 20 | 40 | 1 |" in row  # not from a run folder; images, first image, epochs
+    assert "## Dense baseline" not in text  # its summary is not mistaken for a baseline's
+    assert main(args + ["--out", str(tmp_path / "b"), "--no-distill", "--epochs", "1", "--images", "8",
+                        "--skip-images", "3"]) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["distill"] is False and summary["images"] == 8 and summary["skip_images"] == 3
+    assert main(args + ["--out", str(tmp_path / "c"), "--no-distill", "--skip-images", "-1"]) == 2
+    assert "skip_images must be 0 (off) or more" in capsys.readouterr().err
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "pruned.pt").read_bytes()[:1000])
+    (tmp_path / "cut.layout.json").write_text((tmp_path / "pruned.layout.json").read_text())
+    assert main(args[:2] + [str(tmp_path / "cut.pt")] + args[3:] + ["--no-distill"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.pt" in err and err.count("\n") == 1

@@ -7,6 +7,8 @@ consistent and the result is a plain torchvision MobileNetV2 (no masks, no hooks
 
 A schedule (``run_schedule``) lowers MFLOPs geometrically to the target in N such steps, each
 followed by a short fine-tune, then a longer recovery; every stage checkpoints and resumes.
+``recover`` trains an already-pruned model further (more recovery, with the dense teacher) without
+changing its channels: a schedule's result is rarely trained to the end of what its width allows.
 """
 from __future__ import annotations
 
@@ -348,6 +350,120 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         export_pte(model, out / "mobilenet.pte")
     write_json(out / "summary.json", summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- more recovery
+@dataclass
+class RecoveryConfig:
+    train: dict = field(default_factory=dict)  # a TrainConfig
+    distill: bool = True
+    # The window of training images: ``images`` from ``skip_images`` on, wrapping at the end of the
+    # split (0 images: the whole split). Skipping what the schedule's last stages trained on gives
+    # the model images it has seen least at its present width.
+    images: int = 0
+    skip_images: int = 0
+    export: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RecoveryConfig":
+        known = {f.name for f in fields(cls)}
+        if set(values) - known:
+            raise MobilepruneError(f"unknown [recover] settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        for name in ("images", "skip_images"):
+            check_image_count(values.get(name, 0), f"[recover] {name}")
+        return cls(**values)
+
+
+def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path, teacher: nn.Module | None = None,
+            device: str = "cpu", progress: bool = True, source_run: str | Path | None = None) -> dict:
+    """Train a pruned ``model`` further, channels unchanged, and keep it only if validation improves.
+
+    The result is whichever of the starting model and the best fine-tuned epoch scores higher on
+    the validation split (a restarted learning rate can leave a well-annealed model worse off).
+    Resumable from ``out_dir/train/last.pt``. Writes mobilenet.pt + layout, .pth (and .pte) and
+    summary.json with validation before and after, test accuracy and which model was kept.
+    ``source_run``, the Part 2 run folder the model came from, carries its record forward: its
+    summary's settings, and its schedule.csv and channels.csv with a "recover" row added, so that
+    ``out_dir`` is a whole Part 2 result (report, plots, ``package``).
+    """
+    from .data import train_window
+    from .evaluate import accuracy
+    from .models import save_pickled_model, save_state_with_layout
+    from .train import TrainConfig, evaluate_stream, train
+
+    source = _read_run(Path(source_run)) if source_run is not None else None  # read first: fail before training
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_config = TrainConfig.from_dict(config.train)
+    if not config.distill:
+        train_config.kd_alpha = 0.0
+    elif teacher is None:
+        raise MobilepruneError("distillation needs the dense model as teacher (or turn distill off)")
+    else:
+        teacher = copy.deepcopy(teacher).eval()
+    mflops, params = count_mflops(model.cpu())
+    if teacher is not None and (teacher_mflops := count_mflops(teacher)[0]) <= mflops:
+        raise MobilepruneError(f"the teacher ({teacher_mflops:.2f} MFLOPs) is not larger than the model "
+                               f"({mflops:.2f} MFLOPs): pass the dense baseline, not a pruned model")
+    window = train_window(data, config.skip_images, config.images) if config.images else data
+
+    start_file = out / "start.json"  # the starting model's validation, kept: on a CPU it takes minutes
+    if start_file.is_file():
+        val_before = json.loads(start_file.read_text())["val_accuracy"]
+    else:
+        stream = BatchStream(data.val_images, data.val_labels, train_config.eval_batch_size, device)
+        val_before = evaluate_stream(model.to(device), stream, train_config, torch.device(device))
+        write_json(start_file, {"val_accuracy": val_before, "mflops": mflops}, indent=None)
+    start = model.cpu().eval()
+    result = train(copy.deepcopy(start), window, train_config, out / "train", teacher=teacher, resume=True, device=device,
+                   progress=progress, desc="recover")
+    improved = result.best_val_accuracy > val_before
+    final = (result.model if improved else start).cpu().eval()
+    summary = {"mflops": mflops, "params": params, "val_before": val_before,
+               "val_trained": result.best_val_accuracy, "trained_epoch": result.best_epoch,
+               "kept": "trained" if improved else "start",
+               "val_accuracy": max(val_before, result.best_val_accuracy),
+               "test_accuracy": accuracy(final, data.test_images, data.test_labels, device=device,
+                                         size=train_config.eval_resolution),
+               "test_images": len(data.test_labels), "distill": config.distill,
+               "images": len(window.train_labels), "skip_images": config.skip_images,
+               "epochs": train_config.epochs}
+    save_state_with_layout(final, out, "mobilenet")
+    save_pickled_model(final, out / "mobilenet.pth")
+    if config.export:
+        from .export import export_pte
+
+        export_pte(final, out / "mobilenet.pte")
+    if source_run is not None:
+        summary = _carry_run_forward(Path(source_run), source, out, summary, final)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _read_run(source: Path) -> tuple[dict, list[dict]]:
+    """A Part 2 run folder's summary and schedule rows."""
+    from .report import read_schedule
+
+    try:
+        return json.loads((source / "summary.json").read_text()), read_schedule(source / "schedule.csv")
+    except (OSError, ValueError) as e:
+        raise MobilepruneError(f"{source}: not a Part 2 run folder with summary.json and schedule.csv ({e})") from None
+
+
+def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, summary: dict, model: nn.Module) -> dict:
+    """The source run's settings and schedule, with this recovery as its last row (see ``recover``)."""
+    from .models import build_mobilenet_v2, channel_layout
+    from .report import plot_channels, plot_schedule
+
+    before, rows = run
+    rows.append({"step": "recover", "mflops": summary["mflops"], "params": summary["params"], "val_pruned": None,
+                 "val_finetuned": summary["val_accuracy"]})
+    _write_csv(rows, out / "schedule.csv")
+    plot_schedule(rows, out / "schedule.png", before.get("target_mflops"))
+    _write_csv(channel_table(build_mobilenet_v2(), model), out / "channels.csv")
+    plot_channels(channel_layout(build_mobilenet_v2()), channel_layout(model), out / "channels.png")
+    kept = {k: before[k] for k in ("target_mflops", "dense_mflops", "prune", "images_per_step") if k in before}
+    return {**kept, **summary, "recovered_from": str(source), "distill": before.get("distill", False) or summary["distill"]}
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

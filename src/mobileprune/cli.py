@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", help="override the criterion: l1, l2, taylor, hessian, bn, lamp, fpgm, random")
     p.add_argument("--no-distill", action="store_true", help="recover without the dense teacher")
 
+    p = sub.add_parser("recover", help="Part 2: train a pruned model further (channels unchanged), with KD")
+    p.add_argument("model", help="pruned model: .pt with its .layout.json, or a pickled .pth")
+    p.add_argument("--teacher", help="dense model to distil from (the baseline the model was pruned from)")
+    p.add_argument("--recipe", default="cpu-224-handin-kd-more", help="recipe with a [recover] table "
+                                                                      "(default: cpu-224-handin-kd-more)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/recover)")
+    p.add_argument("--epochs", type=_positive, help="override the recipe's epochs")
+    p.add_argument("--images", type=_positive, help="override the recipe's window of training images")
+    p.add_argument("--skip-images", type=int, help="override where the window starts in the training split")
+    p.add_argument("--no-distill", action="store_true", help="train on labels alone (no --teacher needed)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--no-export", action="store_true", help="write no .pte")
+    _add_data_args(p)
+
     p = sub.add_parser("run", help="the whole pipeline from one recipe: baseline, Part 1, Part 2, grade, report")
     p.add_argument("--recipe", default="quick", help="recipe name or .toml path (default: quick)")
     p.add_argument("--out", help="output folder (default: runs/<recipe>)")
@@ -289,6 +304,41 @@ def cmd_prune(args) -> None:
           "schedule.csv/.png, channels.csv/.png")
 
 
+def cmd_recover(args) -> None:
+    from .channel import RecoveryConfig, recover
+    from .models import load_model
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    settings = section(recipe, "recover")
+    if args.no_distill:
+        settings["distill"] = False
+    if args.no_export:
+        settings["export"] = False
+    if args.epochs:
+        settings["train"] = {**settings.get("train", {}), "epochs": args.epochs}
+    for name in ("images", "skip_images"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = RecoveryConfig.from_dict(settings)
+    if config.distill and not args.teacher:
+        raise MobilepruneError("distillation needs --teacher DENSE_MODEL (the baseline it was pruned from), "
+                               "or pass --no-distill")
+    model = load_model(args.model, args.trust_pickle)
+    teacher = load_model(args.teacher, args.trust_pickle) if config.distill else None
+    out = Path(args.out or Path("runs") / recipe["name"] / "recover")
+    # A model saved by `mobileprune prune` sits in its run folder: carry the run's record forward.
+    source_run = Path(args.model).parent
+    if not (source_run / "schedule.csv").is_file():
+        source_run = None
+    s = recover(model, load_data(args, recipe), config, out, teacher, device=args.device or _auto_device(),
+                progress=not args.no_progress, source_run=source_run)
+    print(f"{s['mflops']:.2f} MFLOPs, val {s['val_before']:.4f} -> {s['val_trained']:.4f} (kept the {s['kept']} "
+          f"model), test {s['test_accuracy']:.4f} ({s['test_images']} images)")
+    print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, summary.json"
+          + (f", and {source_run}'s schedule with this recovery added" if source_run else ""))
+
+
 def cmd_run(args) -> None:
     from .data import find_data_dir
     from .pipeline import run_pipeline
@@ -333,8 +383,8 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "run": cmd_run, "package": cmd_package,
-            "report": cmd_report}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover,
+            "run": cmd_run, "package": cmd_package, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

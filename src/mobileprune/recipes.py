@@ -1,7 +1,7 @@
 """Recipes are data: TOML files under ``recipes/`` with one table per stage.
 
 ``[data]`` (val_size, seed, train_limit, test_limit), ``[baseline]`` (a TrainConfig),
-``[finegrained]`` and ``[prune]`` (see those modules). A name is looked up in ``./recipes`` and in
+``[finegrained]``, ``[prune]`` and ``[recover]`` (see those modules). A name is looked up in ``./recipes`` and in
 the project's own ``recipes/``; a path to a ``.toml`` file works too.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def check_recipe(recipe: dict) -> None:
     run (or on a lent GPU, whose minutes are counted)."""
     import inspect
 
-    from .channel import PruneStepConfig, ScheduleConfig, make_importance
+    from .channel import PruneStepConfig, RecoveryConfig, ScheduleConfig, make_importance
     from .data import load_cifar10, resize_matrix
     from .finegrained import parse_settings
     from .train import TrainConfig
@@ -63,6 +63,8 @@ def check_recipe(recipe: dict) -> None:
         schedule = ScheduleConfig.from_dict(dict(recipe["prune"]))
         make_importance(PruneStepConfig.from_dict(schedule.prune).importance)
         trainings += [TrainConfig.from_dict(t) for t in (schedule.finetune, schedule.recovery) if t]
+    if "recover" in recipe:
+        trainings.append(TrainConfig.from_dict(RecoveryConfig.from_dict(dict(recipe["recover"])).train))
     for config in trainings:
         variants = config.resize_variants
         for variant in [variants] if isinstance(variants, str) else variants:

@@ -133,7 +133,8 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # ----------------------------------------------------------------------------- reports from a folder
 # A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
 # relative_size_after, the baseline best_epoch. A hand-in grade is grade.json.
-STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch"}
+STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
+              "recover": "val_before"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
@@ -154,9 +155,11 @@ def find_stages(root: str | Path) -> dict[str, list[Path]]:
     root = Path(root)
     found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade")}
     for path in sorted(root.rglob("summary.json")):
-        summary = _read_json(path)
-        kind = next((k for k, key in STAGE_KEYS.items() if summary and key in summary), None)
-        if kind:
+        summary = _read_json(path) or {}
+        # A recovery of a Part 2 run is both: a row in the Part 2 table and one in the recovery
+        # table. Part 1 also records its best epoch: "baseline" is only what is nothing else.
+        kinds = [kind for kind, key in STAGE_KEYS.items() if key in summary and kind != "baseline"]
+        for kind in kinds or (["baseline"] if STAGE_KEYS["baseline"] in summary else []):
             found[kind].append(path.parent)
     found["grade"] = sorted(p.parent for p in root.rglob("grade.json") if _read_json(p))
     return found
@@ -239,6 +242,22 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
     return rows
 
 
+RECOVER_COLUMNS = {"run": "", "from": "", "MFLOPs": ".2f", "params": ",", "KD": "", "images": ",", "first image": ",",
+                   "epochs": "",
+                   "validation before": ".4f", "validation trained": ".4f", "kept": "", "test": ".4f",
+                   "test images": ""}
+
+
+def recover_row(stage: Path, root: Path) -> dict:
+    """A ``mobileprune recover`` run's settings and results, by RECOVER_COLUMNS."""
+    s = _read_json(stage / "summary.json")
+    return {"run": f"`{_label(stage, root)}`", "from": f"`{s['recovered_from']}`" if "recovered_from" in s else None,
+            "MFLOPs": s["mflops"], "params": s["params"], "KD": "yes" if s["distill"] else "no",
+            "images": s["images"], "first image": s["skip_images"], "epochs": s["epochs"],
+            "validation before": s["val_before"], "validation trained": s["val_trained"], "kept": s["kept"],
+            "test": s["test_accuracy"], "test images": s["test_images"]}
+
+
 def write_report(root: str | Path, plots: bool = False) -> Path:
     """``root/REPORT.md`` from every stage and grade under ``root`` (a run folder or a release of several).
 
@@ -294,6 +313,12 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                 lines += [f"Channels per layer, `{_label(stage, root)}`:", "",
                           f"![channels]({_label(stage, root)}/channels.png)", ""]
 
+    if stages["recover"]:
+        lines += ["## Part 2: more recovery (`mobileprune recover`)", "",
+                  "A pruned model trained further with its channels unchanged; the model kept is the better of the "
+                  "start and the best trained epoch on validation.", "",
+                  markdown_table([recover_row(stage, root) for stage in stages["recover"]], RECOVER_COLUMNS), ""]
+
     if stages["grade"]:
         lines += ["## Hand-ins, graded as the lab does", "",
                   "| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
@@ -320,13 +345,14 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
     for run in map(Path, runs):
         if not run.is_dir():
             raise MobilepruneError(f"{run}: no such run folder")
-        prune_stages = set(find_stages(run)["prune"])
+        stages = find_stages(run)
+        pruned_stages = set(stages["prune"] + stages["recover"])
         for path in sorted(run.rglob("*")):
             rel = path.relative_to(run)
             if not path.is_file() or any(part.startswith("step_") or part in ("finetune", "recovery", "submission")
                                          for part in rel.parts[:-1]):
                 continue
-            is_pruned_model = path.name in RELEASE_MODELS and path.parent in prune_stages
+            is_pruned_model = path.name in RELEASE_MODELS and path.parent in pruned_stages
             if not is_pruned_model and not any(rel.match(pattern) for pattern in RELEASE_FILES):
                 continue
             target = release / run.name / rel
