@@ -145,3 +145,17 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     assert main(args[:2] + [str(tmp_path / "cut.pt")] + args[3:] + ["--no-distill"]) == 2
     err = capsys.readouterr().err
     assert "cut.pt" in err and err.count("\n") == 1
+
+
+def test_stage_folders_are_told_apart_by_their_summaries(tmp_path):
+    from mobileprune.report import find_stages
+
+    summaries = {"base": {"best_epoch": 3}, "fg": {"relative_size_after": 0.2, "best_epoch": 1},
+                 "prune": {"target_mflops": 45}, "more": {"val_before": 0.8},
+                 "prune-more": {"target_mflops": 45, "val_before": 0.8}, "other": {"note": 1}}
+    for name, summary in summaries.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    stages = {kind: [p.name for p in paths] for kind, paths in find_stages(tmp_path).items()}
+    assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-more"],
+                      "recover": ["more", "prune-more"], "grade": []}

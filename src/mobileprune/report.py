@@ -132,7 +132,8 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 
 # ----------------------------------------------------------------------------- reports from a folder
 # A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
-# relative_size_after, the baseline best_epoch. A hand-in grade is grade.json.
+# relative_size_after, the baseline best_epoch, `mobileprune recover` val_before. A hand-in grade
+# is grade.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
               "recover": "val_before"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
@@ -242,10 +243,9 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
     return rows
 
 
-RECOVER_COLUMNS = {"run": "", "from": "", "MFLOPs": ".2f", "params": ",", "KD": "", "images": ",", "first image": ",",
-                   "epochs": "",
-                   "validation before": ".4f", "validation trained": ".4f", "kept": "", "test": ".4f",
-                   "test images": ""}
+RECOVER_COLUMNS = {"run": "", "from": "", "MFLOPs": ".2f", "params": ",", "KD": "", "images": ",",
+                   "first image": ",", "epochs": "", "validation before": ".4f", "validation trained": ".4f",
+                   "kept": "", "test": ".4f", "test images": ""}
 
 
 def recover_row(stage: Path, root: Path) -> dict:
