@@ -124,6 +124,7 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     assert main(args + ["--out", str(tmp_path / "a"), "--teacher", str(tmp_path / "dense.pth"), "--epochs", "1"]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["distill"] and summary["images"] == 20 and summary["skip_images"] == 40
+    assert summary["lr"] == TINY["lr"]
     assert "MFLOPs, val" in capsys.readouterr().out and (tmp_path / "a" / "mobilenet.pth").is_file()
     # A release of the run: the model and the history come along, the resume checkpoints do not.
     assert main(["report", str(tmp_path / "rel"), "--collect", str(tmp_path / "a")]) == 0
@@ -132,12 +133,13 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     text = (tmp_path / "rel" / "REPORT.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `a` |"))
     assert f"| {summary['val_before']:.4f} | {summary['val_trained']:.4f} | {summary['kept']} |" in row
-    assert "| – | " in row and "| 20 | 40 | 1 |" in row  # not from a run folder; images, first image, epochs
+    assert "| – | " in row and "| 20 | 40 | 1 | 0.01 |" in row  # not from a run folder; images, first image, epochs, lr
     assert "## Dense baseline" not in text  # its summary is not mistaken for a baseline's
     assert main(args + ["--out", str(tmp_path / "b"), "--no-distill", "--epochs", "1", "--images", "8",
-                        "--skip-images", "3"]) == 0
+                        "--skip-images", "3", "--lr", "0.002"]) == 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["distill"] is False and summary["images"] == 8 and summary["skip_images"] == 3
+    assert summary["lr"] == 0.002 and summary["epochs"] == 1
     assert main(args + ["--out", str(tmp_path / "c"), "--no-distill", "--skip-images", "-1"]) == 2
     assert "skip_images must be 0 (off) or more" in capsys.readouterr().err
     (tmp_path / "cut.pt").write_bytes((tmp_path / "pruned.pt").read_bytes()[:1000])

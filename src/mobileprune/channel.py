@@ -427,7 +427,7 @@ def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path,
                                          size=train_config.eval_resolution),
                "test_images": len(data.test_labels), "distill": config.distill,
                "images": len(window.train_labels), "skip_images": config.skip_images,
-               "epochs": train_config.epochs}
+               "epochs": train_config.epochs, "lr": train_config.lr}
     save_state_with_layout(final, out, "mobilenet")
     save_pickled_model(final, out / "mobilenet.pth")
     if config.export:

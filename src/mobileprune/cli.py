@@ -33,6 +33,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="CIFAR-10 folder (binary or python format); default $MOBILEPRUNE_DATA, "
                                   "./data/cifar-10-batches-bin, ../shared/data/cifar-10-batches-bin")
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "(default: cpu-224-handin-kd-more)")
     p.add_argument("--out", help="output folder (default: runs/<recipe>/recover)")
     p.add_argument("--epochs", type=_positive, help="override the recipe's epochs")
+    p.add_argument("--lr", type=_positive_float, help="override the recipe's peak learning rate")
     p.add_argument("--images", type=_positive, help="override the recipe's window of training images")
     p.add_argument("--skip-images", type=int, help="override where the window starts in the training split")
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (no --teacher needed)")
@@ -315,8 +326,9 @@ def cmd_recover(args) -> None:
         settings["distill"] = False
     if args.no_export:
         settings["export"] = False
-    if args.epochs:
-        settings["train"] = {**settings.get("train", {}), "epochs": args.epochs}
+    for name in ("epochs", "lr"):
+        if getattr(args, name) is not None:
+            settings["train"] = {**settings.get("train", {}), name: getattr(args, name)}
     for name in ("images", "skip_images"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

@@ -244,7 +244,7 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
 
 
 RECOVER_COLUMNS = {"run": "", "from": "", "MFLOPs": ".2f", "params": ",", "KD": "", "images": ",",
-                   "first image": ",", "epochs": "", "validation before": ".4f", "validation trained": ".4f",
+                   "first image": ",", "epochs": "", "lr": "g", "validation before": ".4f", "validation trained": ".4f",
                    "kept": "", "test": ".4f", "test images": ""}
 
 
@@ -254,6 +254,7 @@ def recover_row(stage: Path, root: Path) -> dict:
     return {"run": f"`{_label(stage, root)}`", "from": f"`{s['recovered_from']}`" if "recovered_from" in s else None,
             "MFLOPs": s["mflops"], "params": s["params"], "KD": "yes" if s["distill"] else "no",
             "images": s["images"], "first image": s["skip_images"], "epochs": s["epochs"],
+            "lr": s.get("lr"),
             "validation before": s["val_before"], "validation trained": s["val_trained"], "kept": s["kept"],
             "test": s["test_accuracy"], "test images": s["test_images"]}
 
