@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import INPUT_SIZE, BatchStream, train_window
-from .errors import MobilepruneError
+from .errors import MobilepruneError, check_known_settings
 from .evaluate import count_mflops
 from .files import write_json
 from .recipes import check_image_count
@@ -72,9 +72,7 @@ class PruneStepConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PruneStepConfig":
-        known = {f.name for f in fields(cls)}
-        if set(values) - known:
-            raise MobilepruneError(f"unknown prune settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        check_known_settings(cls, values, "prune")
         return cls(**values)
 
 
@@ -242,9 +240,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScheduleConfig":
-        known = {f.name for f in fields(cls)}
-        if set(values) - known:
-            raise MobilepruneError(f"unknown [prune] settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        check_known_settings(cls, values, "[prune]")
         if "target_mflops" not in values:
             raise MobilepruneError("[prune] needs target_mflops")
         for name in ("bn_recalibration_images", "images_per_step"):
@@ -260,7 +256,7 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     interrupted fine-tune continues from its ``last.pt``.
     """
     from .evaluate import accuracy
-    from .models import channel_layout, load_state_with_layout, save_pickled_model, save_state_with_layout
+    from .models import channel_layout, load_state_with_layout, save_state_with_layout
     from .report import plot_channels, plot_schedule
     from .train import TrainConfig, evaluate_stream, recalibrate_batchnorm, train
 
@@ -342,14 +338,21 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     _write_csv(channel_table(baseline, model), out / "channels.csv")
     plot_schedule(rows, out / "schedule.png", config.target_mflops)
     plot_channels(dense_layout, channel_layout(model), out / "channels.png")
+    _save_result(model, out, config.export)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _save_result(model: nn.Module, out: Path, export: bool) -> None:
+    """A Part 2 result's model files: mobilenet.pt + layout, the pickled .pth, and the .pte if ``export``."""
+    from .models import save_pickled_model, save_state_with_layout
+
     save_state_with_layout(model, out, "mobilenet")
     save_pickled_model(model, out / "mobilenet.pth")
-    if config.export:
+    if export:
         from .export import export_pte
 
         export_pte(model, out / "mobilenet.pte")
-    write_json(out / "summary.json", summary)
-    return summary
 
 
 # ----------------------------------------------------------------------------- more recovery
@@ -366,9 +369,7 @@ class RecoveryConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RecoveryConfig":
-        known = {f.name for f in fields(cls)}
-        if set(values) - known:
-            raise MobilepruneError(f"unknown [recover] settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        check_known_settings(cls, values, "[recover]")
         for name in ("images", "skip_images"):
             check_image_count(values.get(name, 0), f"[recover] {name}")
         return cls(**values)
@@ -388,7 +389,6 @@ def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path,
     """
     from .data import train_window
     from .evaluate import accuracy
-    from .models import save_pickled_model, save_state_with_layout
     from .train import TrainConfig, evaluate_stream, train
 
     source = _read_run(Path(source_run)) if source_run is not None else None  # read first: fail before training
@@ -428,12 +428,7 @@ def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path,
                "test_images": len(data.test_labels), "distill": config.distill,
                "images": len(window.train_labels), "skip_images": config.skip_images,
                "epochs": train_config.epochs, "lr": train_config.lr}
-    save_state_with_layout(final, out, "mobilenet")
-    save_pickled_model(final, out / "mobilenet.pth")
-    if config.export:
-        from .export import export_pte
-
-        export_pte(final, out / "mobilenet.pte")
+    _save_result(final, out, config.export)
     if source_run is not None:
         summary = _carry_run_forward(Path(source_run), source, out, summary, final)
     write_json(out / "summary.json", summary)

@@ -23,24 +23,21 @@ def _threads(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
-    return value
+def _positive_of(kind: type, name: str):
+    """An argparse type: ``kind(text)`` when it is above 0, else a usage error naming ``name``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name} (got {text!r})") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {name} (got {text!r})")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})")
-    return value
+_positive = _positive_of(int, "a positive integer")
+_positive_float = _positive_of(float, "a positive number")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

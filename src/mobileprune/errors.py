@@ -11,6 +11,15 @@ class MobilepruneError(Exception):
     exit_code = 2
 
 
+def check_known_settings(config_class, values: dict, what: str) -> None:
+    """Refuse keys that ``config_class`` (a dataclass) has no field for, naming them and the known ones."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(config_class)}
+    if set(values) - known:
+        raise MobilepruneError(f"unknown {what} settings {sorted(set(values) - known)}; known: {sorted(known)}")
+
+
 def first_line(error: BaseException) -> str:
     """The first line of a library's exception text (torch's run to many), for a one-line error."""
     text = str(error).strip()

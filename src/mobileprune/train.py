@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import INPUT_SIZE, BatchStream, Cifar10, preprocess
-from .errors import MobilepruneError
+from .errors import MobilepruneError, check_known_settings
 from .models import channel_layout, load_state_with_layout, save_state_with_layout
 
 
@@ -51,10 +51,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise MobilepruneError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        check_known_settings(cls, values, "training")
         return cls(**values)
 
     def resolution_at(self, epoch: int) -> int:
