@@ -4,7 +4,7 @@
 # by Part 2 to 20 MFLOPs without distillation. The DEVELOPERS.md runbook says which calls carry
 # what; this script is what those calls run.
 #
-#   benchmarks/gpu_release.sh setup         unpack the carried CIFAR-10 parts, install the carried wheel
+#   benchmarks/gpu_release.sh setup         unpack the carried CIFAR-10 parts (and baseline), install the wheel
 #   benchmarks/gpu_release.sh start         start the pipeline in its own process session (it outlives
 #                                           the call that started it, as long as the machine is held)
 #   benchmarks/gpu_release.sh wait SECONDS  wait up to SECONDS for it, then pack its results into $OUT
@@ -78,9 +78,11 @@ pack() {
 
 case "${1:-}" in
     setup)
-        if [ -d .gpu-base ]; then  # a baseline carried in halves: .gpu-base/a and .gpu-base/b
-            mkdir -p base && cat .gpu-base/a/mobilenet.pt.* .gpu-base/b/mobilenet.pt.* >base/mobilenet.pt &&
-                cp .gpu-base/a/mobilenet.layout.json base/ && (cd .gpu-base/a && sha256sum -c --quiet SHA256) || exit 1
+        # A baseline carried in halves (.gpu-base/a and .gpu-base/b) goes to runs/base/: an ignored
+        # folder, which later calls to the warm machine keep (they remove untracked ones).
+        if [ -d .gpu-base ]; then
+            mkdir -p runs/base && cat .gpu-base/a/mobilenet.pt.* .gpu-base/b/mobilenet.pt.* >runs/base/mobilenet.pt &&
+                cp .gpu-base/a/mobilenet.layout.json runs/base/ && (cd .gpu-base/a && sha256sum -c --quiet SHA256) || exit 1
         fi
         python3 .gpu-data/test/gpu_data.py unpack .gpu-data data/cifar-10-batches-bin >/dev/null &&
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl

@@ -11,6 +11,7 @@ from mobileprune.export import PteModel
 from mobileprune.models import load_model
 
 RELEASE = Path(__file__).resolve().parents[1] / "release" / "h100"
+GPU_RELEASE = RELEASE.parent / "gpu"  # the GPU session's runs (lab2-45, lab2-20, Part 1 of recipe baseline)
 
 
 def stated_grade(grade_json: Path, model_dir: Path) -> dict:
@@ -21,9 +22,59 @@ def stated_grade(grade_json: Path, model_dir: Path) -> dict:
     return stated
 
 
+def test_gpu_hand_in_grades_as_stated():
+    """release/gpu/prune (what `mobileprune package` takes): lab2-45's steps on the GPU, its recovery and one
+    `mobileprune recover` on the CPU."""
+    data = real_data_or_skip()
+    stated = stated_grade(GPU_RELEASE / "grade.json", GPU_RELEASE / "prune")
+    assert stated["mflops"] == pytest.approx(44.842538, abs=1e-6)
+    assert stated["pte_accuracy"]["runner"] == pytest.approx(0.8942, abs=1e-4)
+    assert stated["score"] == pytest.approx(33.44, abs=0.005)
+    assert stated["score"] == pytest.approx(lab_score(stated["mflops"], stated["score_accuracy"]))
+    images, labels = load_split(data, "test")
+    measured = accuracy(PteModel(GPU_RELEASE / "prune" / "mobilenet.pte"), images, labels, "runner", batch_size=100,
+                        progress=False)
+    assert measured == pytest.approx(stated["pte_accuracy"]["runner"], abs=1e-4)
+
+
+def test_gpu_runs_before_the_hand_in_count_as_stated():
+    """release/gpu/prune-45 (the hand-in before `recover`) and prune-20 (recipe lab2-20, wholly on the GPU),
+    graded when they were released; the hand-in's record is prune-45's schedule and one recover row."""
+    from mobileprune.report import read_schedule
+
+    for stage, mflops, runner, score in (("prune-45", 44.842538, 0.8904, 31.73), ("prune-20", 19.888148, 0.8672, 28.53)):
+        stated = stated_grade(GPU_RELEASE / stage / "grade.json", GPU_RELEASE / stage)
+        assert stated["mflops"] == pytest.approx(mflops, abs=1e-6)
+        assert stated["pte_accuracy"]["runner"] == pytest.approx(runner, abs=1e-4)
+        assert stated["score"] == pytest.approx(score, abs=0.005)
+    rows = read_schedule(GPU_RELEASE / "prune" / "schedule.csv")
+    assert rows[:-1] == read_schedule(GPU_RELEASE / "prune-45" / "schedule.csv") and rows[-1]["step"] == "recover"
+    hand_in = json.loads((GPU_RELEASE / "prune" / "summary.json").read_text())
+    assert hand_in["val_before"] == rows[-2]["val_finetuned"] and hand_in["val_accuracy"] == rows[-1]["val_finetuned"]
+
+
+def test_gpu_part1_sparsities_give_the_stated_size():
+    """release/lab2-20/finegrained: its chosen per-layer sparsities, applied to a dense MobileNetV2, leave
+    the size the summary states, within our bar of 20 % of dense (its accuracy was measured on the GPU)."""
+    import torch
+
+    from mobileprune.finegrained import FineGrainedPruner, read_sparsity_json, relative_size
+    from mobileprune.models import build_mobilenet_v2
+
+    summary = json.loads((GPU_RELEASE / "finegrained" / "summary.json").read_text())
+    model = build_mobilenet_v2()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # no zeros but the pruned ones (fresh BatchNorm biases are 0)
+            p.copy_(torch.randn_like(p))
+    FineGrainedPruner(model, read_sparsity_json(GPU_RELEASE / "finegrained" / "sparsity.json")).apply(model)
+    assert relative_size(model) == pytest.approx(summary["relative_size_after"], abs=1e-4)
+    assert relative_size(model) <= 0.20 and summary["finetuned_test"] >= 0.93
+
+
 def test_h100_hand_in_grades_as_stated():
-    """release/h100/prune (what `mobileprune package` takes): 80 MFLOPs with KD, pruned, then recovered three
-    times more with `mobileprune recover`, on the CPU."""
+    """release/h100/prune (the hand-in before a GPU ran): 80 MFLOPs with KD, pruned, then recovered
+    three times more with `mobileprune recover`, on the CPU."""
     data = real_data_or_skip()
     stated = stated_grade(RELEASE / "grade.json", RELEASE / "prune")
     # The figures README.md quotes; a release that regresses (or a grade.json rewritten to match)

@@ -363,10 +363,12 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
     return copied
 
 
-# Where the notebook and ``package`` look for results, best first: the GPU releases, then the 224-px
-# baseline pruned on the CPU, then the CPU small-scale study, then the smoke run ``make run`` leaves.
-RESULT_FOLDERS = ("release/lab2-20", "release/lab2-45", "release/h100", "release/cpu-small", "runs/cpu-small",
-                  "runs/quick")
+# Where the notebook and ``package`` look for results, best first: the GPU releases (``release/gpu``:
+# the 2026-11-26 session's, its prune/ the hand-in; lab2-20/lab2-45: what `report --collect` makes
+# of a later session's runs/lab2-*), then the 224-px baseline pruned on the CPU, then the CPU
+# small-scale study, then the smoke run ``make run`` leaves.
+RESULT_FOLDERS = ("release/gpu", "release/lab2-20", "release/lab2-45", "release/h100", "release/cpu-small",
+                  "runs/cpu-small", "runs/quick")
 
 
 def find_results(project: str | Path = ".", stages: tuple[str, ...] = ("prune",)) -> Path:

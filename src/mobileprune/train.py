@@ -48,6 +48,10 @@ class TrainConfig:
     bf16: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     eval_batch_size: int = 500
+    # cuDNN autotuning (CUDA only) cost ~35 s on the first epoch at each new resolution of the
+    # 224-px baseline (H100); a channel-pruning step trains new channel counts for an epoch or
+    # two, too short to pay that back, so the lab2-* recipes turn it off for their steps.
+    cudnn_benchmark: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -166,7 +170,7 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
         raise MobilepruneError("kd_alpha > 0 needs a teacher model")
     torch.manual_seed(config.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick its kernels
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     model = model.to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
