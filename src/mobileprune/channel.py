@@ -387,7 +387,6 @@ def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path,
     summary's settings, and its schedule.csv and channels.csv with a "recover" row added, so that
     ``out_dir`` is a whole Part 2 result (report, plots, ``package``).
     """
-    from .data import train_window
     from .evaluate import accuracy
     from .train import TrainConfig, evaluate_stream, train
 
@@ -455,8 +454,9 @@ def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, su
                  "val_finetuned": summary["val_accuracy"]})
     _write_csv(rows, out / "schedule.csv")
     plot_schedule(rows, out / "schedule.png", before.get("target_mflops"))
-    _write_csv(channel_table(build_mobilenet_v2(), model), out / "channels.csv")
-    plot_channels(channel_layout(build_mobilenet_v2()), channel_layout(model), out / "channels.png")
+    dense = build_mobilenet_v2()  # the channel counts before pruning: no weights needed
+    _write_csv(channel_table(dense, model), out / "channels.csv")
+    plot_channels(channel_layout(dense), channel_layout(model), out / "channels.png")
     kept = {k: before[k] for k in ("target_mflops", "dense_mflops", "prune", "images_per_step") if k in before}
     return {**kept, **summary, "recovered_from": str(source), "distill": before.get("distill", False) or summary["distill"]}
 
