@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from mobileprune import data
 from mobileprune.cli import main
 from mobileprune.errors import MobilepruneError
+from mobileprune.models import build_mobilenet_v2, save_pickled_model
 
 from conftest import make_cifar_dir, real_data_or_skip, write_cifar_bin
 
@@ -54,7 +55,12 @@ def test_label_outside_range_is_named(tmp_path):
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert main(["evaluate", "x.pth", "--data", str(missing)]) == 2
+    # The model is checked first: a missing model is named even when the data is missing too.
+    assert main(["evaluate", str(tmp_path / "x.pth"), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.pth: no such file" in err
+    save_pickled_model(build_mobilenet_v2(), tmp_path / "m.pth")
+    assert main(["evaluate", str(tmp_path / "m.pth"), "--data", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere: data folder (from --data) does not exist" in err
 

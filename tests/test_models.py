@@ -72,3 +72,15 @@ def test_layout_that_does_not_fit_its_weights(tmp_path, pruned_model):
     (tmp_path / "pruned.layout.json").write_text((tmp_path / "dense.layout.json").read_text())
     with pytest.raises(MobilepruneError, match="does not fit pruned.layout.json"):
         models.load_state_with_layout(weights)
+
+
+def test_truncated_state_dict_or_missing_layout_says_which_file_is_wrong(tmp_path, pruned_model):
+    weights, layout = models.save_state_with_layout(pruned_model, tmp_path, "pruned")
+    raw = weights.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "cut.layout.json").write_text(layout.read_text())
+    with pytest.raises(MobilepruneError, match="cut.pt: not a torch.save file"):
+        models.load_state_with_layout(tmp_path / "cut.pt")
+    layout.unlink()
+    with pytest.raises(MobilepruneError, match=r"pruned.layout.json: no such file \(a .pt state_dict"):
+        models.load_model(weights)

@@ -204,16 +204,18 @@ def cmd_evaluate(args) -> None:
     from .export import PteModel
     from .models import load_model
 
-    data = load_data(args, {"data": {"val_size": args.val_size}} if args.split == "val" else None)
-    images, labels = data.split(args.split)
-    images, labels = images[:args.limit], labels[:args.limit]
+    # The model first: a wrong model path is the likelier mistake, and loading data takes longer.
     path = Path(args.model)
-    result = {"model": str(path), "split": args.split, "images": len(labels)}
+    result = {"model": str(path), "split": args.split}
     if path.suffix == ".pte":
         model, kwargs = PteModel(path), {"batch_size": 100}
     else:
         model, kwargs = load_model(path, args.trust_pickle), {"device": args.device}
         result["mflops"], result["params"] = count_mflops(model)
+    data = load_data(args, {"data": {"val_size": args.val_size}} if args.split == "val" else None)
+    images, labels = data.split(args.split)
+    images, labels = images[:args.limit], labels[:args.limit]
+    result["images"] = len(labels)
     result["accuracy"] = {v: accuracy(model, images, labels, v, progress=not args.no_progress, desc=v, **kwargs)
                           for v in _variants(args.variant)}
     if args.json:

@@ -145,9 +145,14 @@ def load_state_with_layout(weights: str | Path, layout: str | Path | None = None
     """Rebuild a model from ``stem.pt`` and ``stem.layout.json`` (found beside it if not given)."""
     weights = Path(weights)
     layout = Path(layout) if layout else weights.with_suffix(".layout.json")
-    for p in (weights, layout):
-        if not p.is_file():
-            raise MobilepruneError(f"{p}: no such file")
+    if not weights.is_file():
+        raise MobilepruneError(f"{weights}: no such file")
+    if not zipfile.is_zipfile(weights):
+        raise MobilepruneError(f"{weights}: not a torch.save file (not a zip archive; truncated or another format?)")
+    if not layout.is_file():
+        # A pruned state_dict cannot be rebuilt without its channel counts; say which file is missing and why.
+        raise MobilepruneError(f"{layout}: no such file (a .pt state_dict is loaded with the channel layout "
+                               f"written beside it; or pass the whole model, a .pth)")
     try:
         spec = json.loads(layout.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
