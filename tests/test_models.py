@@ -84,3 +84,25 @@ def test_truncated_state_dict_or_missing_layout_says_which_file_is_wrong(tmp_pat
     layout.unlink()
     with pytest.raises(MobilepruneError, match=r"pruned.layout.json: no such file \(a .pt state_dict"):
         models.load_model(weights)
+
+
+def test_interpolation_of_two_checkpoints(pruned_model):
+    from conftest import randomize_batchnorm
+
+    first = pruned_model
+    second = randomize_batchnorm(models.interpolate_models(pruned_model, pruned_model, 1.0), seed=1)
+    torch.nn.init.normal_(second.features[2].conv[0][0].weight)  # a conv differs too, not only BatchNorm
+    a, b = first.state_dict(), second.state_dict()
+    assert not torch.equal(a["features.2.conv.0.0.weight"], b["features.2.conv.0.0.weight"])
+    for fraction, expect in ((0.0, a), (1.0, b)):
+        mixed = models.interpolate_models(first, second, fraction).state_dict()
+        assert all(torch.allclose(mixed[k].float(), expect[k].float()) for k in expect)
+    half = models.interpolate_models(first, second, 0.25).state_dict()
+    for name in ("features.2.conv.0.0.weight", "features.2.conv.0.1.running_var", "classifier.1.bias"):
+        assert torch.allclose(half[name], 0.75 * a[name] + 0.25 * b[name], atol=1e-6)
+    assert torch.equal(half["features.2.conv.0.1.num_batches_tracked"], b["features.2.conv.0.1.num_batches_tracked"])
+    assert models.channel_layout(models.interpolate_models(first, second, 0.5)) == models.channel_layout(first)
+    with pytest.raises(MobilepruneError, match="different channel layouts"):
+        models.interpolate_models(first, models.build_mobilenet_v2(), 0.5)
+    with pytest.raises(MobilepruneError, match="must be in"):
+        models.interpolate_models(first, second, 1.5)

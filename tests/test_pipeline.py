@@ -149,15 +149,76 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     assert "cut.pt" in err and err.count("\n") == 1
 
 
+def test_cli_average_keeps_the_best_interpolation_on_validation(tmp_path, capsys, pruned_model):
+    import torch
+    from mobileprune.models import build_mobilenet_v2, interpolate_models, load_model, save_state_with_layout
+    from conftest import randomize_batchnorm
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    recipe = tmp_path / "split.toml"
+    recipe.write_text("[data]\nval_size = 10\n")
+    save_state_with_layout(pruned_model, tmp_path, "early")
+    # The later checkpoint sits in a Part 2 run folder, whose record the average carries forward.
+    run = tmp_path / "run"
+    later = randomize_batchnorm(interpolate_models(pruned_model, pruned_model, 1.0), seed=3)
+    save_state_with_layout(later, run, "mobilenet")
+    (run / "summary.json").write_text(json.dumps({"target_mflops": 150, "dense_mflops": 318.969098, "distill": True}))
+    (run / "schedule.csv").write_text("step,mflops,params,val_pruned,val_finetuned\n1,149.9,1000,0.1,0.2\n"
+                                      "recovery,149.9,1000,,0.3\n")
+    args = ["--no-progress", "average", str(tmp_path / "early.pt"), str(run / "mobilenet.pt"), "--recipe", str(recipe),
+            "--data", str(folder), "--device", "cpu", "--no-export"]
+
+    # Each candidate is evaluated once and cached; a cached value is not evaluated again (resume),
+    # and the best on validation is kept, its weights the interpolation at that fraction.
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "val.json").write_text(json.dumps({"0.0": 0.1, "0.5": 0.9, "1.0": 0.2}))
+    assert main(args + ["--fractions", "0.5", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fraction"] == 0.5 and summary["val_accuracy"] == 0.9
+    assert summary["val_first"] == 0.1 and summary["val_second"] == 0.2 and summary["test_images"] == 6
+    kept, expected = load_model(out / "mobilenet.pt").state_dict(), interpolate_models(pruned_model, later, 0.5).state_dict()
+    assert all(torch.equal(kept[k], expected[k]) for k in expected)
+    assert "kept 0.5" in capsys.readouterr().out and (out / "average.png").is_file()
+    # The run's record comes along: target, KD, and the schedule with an "average" row.
+    assert summary["target_mflops"] == 150 and summary["distill"] is True
+    assert (out / "schedule.csv").read_text().splitlines()[-1].startswith("average,")
+
+    # A tie goes to the later checkpoint: averaging must beat the ends, not match them.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "val.json").write_text(json.dumps({"0.0": 0.5, "0.5": 0.5, "1.0": 0.5}))
+    assert main(args + ["--fractions", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["fraction"] == 1.0
+
+    # With nothing cached every candidate is evaluated (ends included) and the report has its table.
+    assert main(args + ["--out", str(tmp_path / "c")]) == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert set(summary["val_by_fraction"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    assert summary["val_accuracy"] == max(summary["val_by_fraction"].values())
+    assert main(["report", str(tmp_path / "c")]) == 0
+    text = (tmp_path / "c" / "REPORT.md").read_text()
+    assert "## Part 2: weight averaging" in text and "## Part 2: channel pruning" in text
+
+    # Bad input: a fraction outside (0, 1), or two models of different channels, is one line.
+    with pytest.raises(SystemExit):
+        main(args + ["--fractions", "1.5", "--out", str(tmp_path / "d")])
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    save_state_with_layout(build_mobilenet_v2(), tmp_path, "dense")
+    assert main(args[:2] + [str(tmp_path / "dense.pt")] + args[3:] + ["--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "different channel layouts" in err and err.count("\n") == 1
+
+
 def test_stage_folders_are_told_apart_by_their_summaries(tmp_path):
     from mobileprune.report import find_stages
 
     summaries = {"base": {"best_epoch": 3}, "fg": {"relative_size_after": 0.2, "best_epoch": 1},
                  "prune": {"target_mflops": 45}, "more": {"val_before": 0.8},
-                 "prune-more": {"target_mflops": 45, "val_before": 0.8}, "other": {"note": 1}}
+                 "prune-more": {"target_mflops": 45, "val_before": 0.8}, "avg": {"val_by_fraction": {}},
+                 "prune-avg": {"target_mflops": 45, "val_by_fraction": {}}, "other": {"note": 1}}
     for name, summary in summaries.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     stages = {kind: [p.name for p in paths] for kind, paths in find_stages(tmp_path).items()}
-    assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-more"],
-                      "recover": ["more", "prune-more"], "grade": []}
+    assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-avg", "prune-more"],
+                      "recover": ["more", "prune-more"], "average": ["avg", "prune-avg"], "grade": []}

@@ -434,6 +434,57 @@ def recover(model: nn.Module, data, config: RecoveryConfig, out_dir: str | Path,
     return summary
 
 
+# ----------------------------------------------------------------------------- weight averaging
+def average(first: nn.Module, second: nn.Module, data, fractions: list[float], out_dir: str | Path,
+            device: str = "cpu", progress: bool = True, source_run: str | Path | None = None,
+            export: bool = True, names: tuple[str, str] = ("first", "second")) -> dict:
+    """Interpolate two checkpoints of one pruned model and keep the best point on validation.
+
+    Candidates are ``first`` (fraction 0), ``second`` (fraction 1) and (1 - f)·first + f·second for
+    each f in ``fractions``; the one with the highest validation accuracy is kept, the two ends
+    winning ties, so the result is never worse on validation than the better input. No training:
+    a CPU can afford it (one validation pass per candidate). Each candidate's validation is cached
+    in ``out_dir/val.json`` (resumable). ``source_run``, the Part 2 run folder of ``second``,
+    carries its record forward as in ``recover``, with an "average" row.
+    """
+    from .evaluate import accuracy
+    from .models import interpolate_models
+    from .report import plot_average
+
+    source = _read_run(Path(source_run)) if source_run is not None else None
+    bad = [f for f in fractions if not 0 < f < 1]
+    if bad:
+        raise MobilepruneError(f"fractions {bad} must lie strictly between 0 and 1 (the two models are 0 and 1)")
+    candidates = sorted({0.0, 1.0, *map(float, fractions)})
+    first, second = first.cpu().eval(), second.cpu().eval()
+    interpolate_models(first, second, 0.5)  # fail on different layouts before any evaluation
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "val.json"
+    val = {float(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    for f in candidates:
+        if f not in val:
+            model = interpolate_models(first, second, f)
+            val[f] = accuracy(model, data.val_images, data.val_labels, device=device, progress=progress,
+                              desc=f"val {f:g}")
+            write_json(cache, {str(k): v for k, v in sorted(val.items())}, indent=None)
+    # The ends first: an interpolation must beat them, not tie.
+    best = max([1.0, 0.0] + [f for f in candidates if 0 < f < 1], key=lambda f: val[f])
+    final = interpolate_models(first, second, best).cpu().eval()
+    mflops, params = count_mflops(final)
+    summary = {"mflops": mflops, "params": params, "averaged": list(names), "fraction": best,
+               "val_by_fraction": {str(f): val[f] for f in candidates},
+               "val_first": val[0.0], "val_second": val[1.0], "val_accuracy": val[best],
+               "test_accuracy": accuracy(final, data.test_images, data.test_labels, device=device),
+               "test_images": len(data.test_labels), "distill": False}
+    plot_average(summary["val_by_fraction"], best, out / "average.png")
+    _save_result(final, out, export)
+    if source is not None:
+        summary = _carry_run_forward(Path(source_run), source, out, summary, final, step="average")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
 def _read_run(source: Path) -> tuple[dict, list[dict]]:
     """A Part 2 run folder's summary and schedule rows."""
     from .report import read_schedule
@@ -444,13 +495,14 @@ def _read_run(source: Path) -> tuple[dict, list[dict]]:
         raise MobilepruneError(f"{source}: not a Part 2 run folder with summary.json and schedule.csv ({e})") from None
 
 
-def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, summary: dict, model: nn.Module) -> dict:
-    """The source run's settings and schedule, with this recovery as its last row (see ``recover``)."""
+def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, summary: dict, model: nn.Module,
+                       step: str = "recover") -> dict:
+    """The source run's settings and schedule, with this stage as its last row ``step`` (see ``recover``)."""
     from .models import build_mobilenet_v2, channel_layout
     from .report import plot_channels, plot_schedule
 
     before, rows = run
-    rows.append({"step": "recover", "mflops": summary["mflops"], "params": summary["params"], "val_pruned": None,
+    rows.append({"step": step, "mflops": summary["mflops"], "params": summary["params"], "val_pruned": None,
                  "val_finetuned": summary["val_accuracy"]})
     _write_csv(rows, out / "schedule.csv")
     plot_schedule(rows, out / "schedule.png", before.get("target_mflops"))

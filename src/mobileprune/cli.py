@@ -40,6 +40,17 @@ _positive = _positive_of(int, "a positive integer")
 _positive_float = _positive_of(float, "a positive number")
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (got {text!r})") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1 (got {text})")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="CIFAR-10 folder (binary or python format); default $MOBILEPRUNE_DATA, "
                                   "./data/cifar-10-batches-bin, ../shared/data/cifar-10-batches-bin")
@@ -130,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=_positive, help="override the recipe's window of training images")
     p.add_argument("--skip-images", type=int, help="override where the window starts in the training split")
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (no --teacher needed)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--no-export", action="store_true", help="write no .pte")
+    _add_data_args(p)
+
+    p = sub.add_parser("average", help="Part 2: interpolate two checkpoints of one pruned model, keep the best "
+                                       "on validation")
+    p.add_argument("first", help="the earlier checkpoint (.pt with its layout, or .pth)")
+    p.add_argument("second", help="the later checkpoint, same channels; its Part 2 run record is carried forward")
+    p.add_argument("--fractions", type=_fraction, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="weights of SECOND to try, each in (0, 1); the ends 0 and 1 are always tried "
+                        "(default: 0.25 0.5 0.75)")
+    p.add_argument("--recipe", default="lab2-45", help="recipe whose [data] sets the validation split (default: "
+                                                       "lab2-45)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/average)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--no-export", action="store_true", help="write no .pte")
@@ -350,6 +376,27 @@ def cmd_recover(args) -> None:
           + (f", and {source_run}'s schedule with this recovery added" if source_run else ""))
 
 
+def cmd_average(args) -> None:
+    from .channel import average
+    from .models import load_model
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    first, second = load_model(args.first, args.trust_pickle), load_model(args.second, args.trust_pickle)
+    out = Path(args.out or Path("runs") / recipe["name"] / "average")
+    source_run = Path(args.second).parent  # as in recover: carry the later model's run record forward
+    if not (source_run / "schedule.csv").is_file():
+        source_run = None
+    s = average(first, second, load_data(args, recipe), args.fractions, out, device=args.device or _auto_device(),
+                progress=not args.no_progress, source_run=source_run, export=not args.no_export,
+                names=(args.first, args.second))
+    tried = ", ".join(f"{f}: {v:.4f}" for f, v in s["val_by_fraction"].items())
+    print(f"validation by fraction of the second model: {tried}; kept {s['fraction']:g}, test "
+          f"{s['test_accuracy']:.4f} ({s['test_images']} images), {s['mflops']:.2f} MFLOPs")
+    print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, "
+          f"average.png, summary.json" + (f", and {source_run}'s schedule with an average row" if source_run else ""))
+
+
 def cmd_run(args) -> None:
     from .data import find_data_dir
     from .pipeline import run_pipeline
@@ -394,7 +441,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover,
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover, "average": cmd_average,
             "run": cmd_run, "package": cmd_package, "report": cmd_report}
 
 

@@ -131,6 +131,27 @@ def model_from_layout(layout: dict) -> mobilenetv2.MobileNetV2:
     return model
 
 
+def interpolate_models(first: nn.Module, second: nn.Module, fraction: float) -> nn.Module:
+    """A copy of ``second`` with every floating-point tensor at (1 - fraction)·first + fraction·second.
+
+    Both must have the same channel layout: two checkpoints of one pruned model. Weights averaged
+    along one training run often sit in a flatter, better region than either end (stochastic
+    weight averaging, model soups); BatchNorm statistics are averaged the same way, integer buffers
+    (BatchNorm's batch counts) are taken from ``second``.
+    """
+    if not 0 <= fraction <= 1:
+        raise MobilepruneError(f"interpolation fraction {fraction} must be in [0, 1]")
+    if channel_layout(first) != channel_layout(second):
+        raise MobilepruneError("the two models have different channel layouts: only checkpoints of the same "
+                               "pruned model can be averaged")
+    first_state = first.state_dict()
+    mixed = {name: torch.lerp(first_state[name].float().to(tensor.device), tensor.float(), fraction).to(tensor.dtype)
+             if tensor.is_floating_point() else tensor for name, tensor in second.state_dict().items()}
+    model = model_from_layout(channel_layout(second))
+    model.load_state_dict(mixed)
+    return model.eval()
+
+
 def save_state_with_layout(model: nn.Module, directory: str | Path, stem: str = "model") -> tuple[Path, Path]:
     """``stem.pt`` (a state_dict, safe to load) and ``stem.layout.json`` in ``directory``."""
     directory = Path(directory)

@@ -99,6 +99,19 @@ def plot_schedule(rows: list[dict], path: str | Path, target: float | None = Non
     return _save(fig, path)
 
 
+def plot_average(val_by_fraction: dict[str, float], kept: float, path: str | Path) -> Path:
+    """Validation accuracy along the line from one checkpoint (0) to the other (1)."""
+    fractions = sorted(float(f) for f in val_by_fraction)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(fractions, [val_by_fraction[str(f)] for f in fractions], "o-")
+    ax.axvline(kept, color="tab:red", ls="--", lw=0.8, label=f"kept: {kept:g}")
+    ax.set_xlabel("fraction of the second model's weights")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Weight averaging of two checkpoints")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_channels(before: dict, after: dict, path: str | Path) -> Path:
     """Output channels of every convolution, dense against pruned (from two channel layouts)."""
     names = [n for n, v in before["layers"].items() if "groups" in v]
@@ -132,10 +145,10 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 
 # ----------------------------------------------------------------------------- reports from a folder
 # A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
-# relative_size_after, the baseline best_epoch, `mobileprune recover` val_before. A hand-in grade
-# is grade.json.
+# relative_size_after, the baseline best_epoch, `mobileprune recover` val_before, `mobileprune
+# average` val_by_fraction. A hand-in grade is grade.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
-              "recover": "val_before"}
+              "recover": "val_before", "average": "val_by_fraction"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
@@ -197,6 +210,8 @@ def regenerate_plots(stage: str | Path, kind: str) -> list[Path]:
         layout = _read_json(stage / "mobilenet.layout.json")
         if layout:
             written.append(plot_channels(channel_layout(build_mobilenet_v2()), layout, stage / "channels.png"))
+    elif kind == "average":
+        written.append(plot_average(summary["val_by_fraction"], summary["fraction"], stage / "average.png"))
     elif kind == "finegrained":
         plots = stage / "plots"
         written.append(plot_bars({n: p.numel() for n, p in prunable_parameters(build_mobilenet_v2()).items()},
@@ -259,6 +274,20 @@ def recover_row(stage: Path, root: Path) -> dict:
             "test": s["test_accuracy"], "test images": s["test_images"]}
 
 
+AVERAGE_COLUMNS = {"run": "", "first": "", "second": "", "MFLOPs": ".2f", "validation first": ".4f",
+                   "validation second": ".4f", "fraction kept": "g", "validation": ".4f", "test": ".4f",
+                   "test images": ""}
+
+
+def average_row(stage: Path, root: Path) -> dict:
+    """A ``mobileprune average`` run's inputs and results, by AVERAGE_COLUMNS."""
+    s = _read_json(stage / "summary.json")
+    first, second = s["averaged"]
+    return {"run": f"`{_label(stage, root)}`", "first": f"`{first}`", "second": f"`{second}`", "MFLOPs": s["mflops"],
+            "validation first": s["val_first"], "validation second": s["val_second"], "fraction kept": s["fraction"],
+            "validation": s["val_accuracy"], "test": s["test_accuracy"], "test images": s["test_images"]}
+
+
 def write_report(root: str | Path, plots: bool = False) -> Path:
     """``root/REPORT.md`` from every stage and grade under ``root`` (a run folder or a release of several).
 
@@ -269,7 +298,7 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
         raise MobilepruneError(f"{root}: no such folder")
     stages = find_stages(root)
     if plots:
-        for kind in ("finegrained", "prune"):
+        for kind in ("finegrained", "prune", "average"):
             for stage in stages[kind]:
                 regenerate_plots(stage, kind)
     lines = [f"# mobileprune report: `{root}`", "",
@@ -320,6 +349,15 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                   "start and the best trained epoch on validation.", "",
                   markdown_table([recover_row(stage, root) for stage in stages["recover"]], RECOVER_COLUMNS), ""]
 
+    if stages["average"]:
+        lines += ["## Part 2: weight averaging (`mobileprune average`)", "",
+                  "Two checkpoints of one pruned model interpolated weight by weight; the point kept is the best "
+                  "on validation (the two ends included, so never worse than the better input).", "",
+                  markdown_table([average_row(stage, root) for stage in stages["average"]], AVERAGE_COLUMNS), ""]
+        for stage in stages["average"]:
+            if (stage / "average.png").is_file():
+                lines += [f"![validation along the interpolation]({_label(stage, root)}/average.png)", ""]
+
     if stages["grade"]:
         lines += ["## Hand-ins, graded as the lab does", "",
                   "| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
@@ -347,7 +385,7 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
         if not run.is_dir():
             raise MobilepruneError(f"{run}: no such run folder")
         stages = find_stages(run)
-        pruned_stages = set(stages["prune"] + stages["recover"])
+        pruned_stages = set(stages["prune"] + stages["recover"] + stages["average"])
         for path in sorted(run.rglob("*")):
             rel = path.relative_to(run)
             if not path.is_file() or any(part.startswith("step_") or part in ("finetune", "recovery", "submission")
