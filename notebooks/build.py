@@ -155,7 +155,9 @@ for it (`[finegrained] distill`); the epoch is chosen on the validation split.""
 - **Schedule**: budgets fall geometrically from 319 MFLOPs to the target in N steps, each followed
   by a short fine-tune; then a longer recovery. A model whose recovery was still climbing is
   trained further with its channels unchanged (`mobileprune recover`, kept only if validation
-  improves): the `recover` rows below, when there are any.
+  improves): the `recover` rows below, when there are any. Two such checkpoints of one model can
+  also be averaged weight by weight (`mobileprune average`, the interpolation kept only if it
+  beats both on validation): an `average` row.
 - **Recovery**: SGD with Nesterov momentum, cosine learning rate, label smoothing, and knowledge
   distillation from the dense model (KL at temperature 4 mixed with cross-entropy).
 

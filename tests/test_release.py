@@ -23,9 +23,9 @@ def stated_grade(grade_json: Path, model_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("release, mflops, runner_accuracy, score", [
-    # release/gpu (what `mobileprune package` takes): lab2-45's steps on the GPU, its recovery and one
-    # `mobileprune recover` on the CPU
-    (GPU_RELEASE, 44.842538, 0.8942, 33.44),
+    # release/gpu (what `mobileprune package` takes): lab2-45's steps on the GPU, its recovery, one
+    # `mobileprune recover` and a `mobileprune average` of the last two on the CPU
+    (GPU_RELEASE, 44.842538, 0.8941, 33.39),
     # release/h100, the hand-in before a GPU ran: 80 MFLOPs with KD, pruned, then recovered three times
     # more with `mobileprune recover`, all on the CPU
     (RELEASE, 79.984046, 0.8949, 23.55),
@@ -47,19 +47,34 @@ def test_hand_in_grades_as_stated(release, mflops, runner_accuracy, score):
 
 
 def test_gpu_runs_before_the_hand_in_count_as_stated():
-    """release/gpu/prune-45 (the hand-in before `recover`) and prune-20 (recipe lab2-20, wholly on the GPU),
-    graded when they were released; the hand-in's record is prune-45's schedule and one recover row."""
+    """release/gpu/prune-45 (lab2-45 before `recover`), prune-recover (after it) and prune-20 (recipe
+    lab2-20, wholly on the GPU), graded when they were released; the hand-in's record is prune-45's
+    schedule, one recover row and one average row, and the average is of exactly those two models."""
+    import torch
+
+    from mobileprune.models import interpolate_models
     from mobileprune.report import read_schedule
 
-    for stage, mflops, runner, score in (("prune-45", 44.842538, 0.8904, 31.73), ("prune-20", 19.888148, 0.8672, 28.53)):
+    for stage, mflops, runner, score in (("prune-45", 44.842538, 0.8904, 31.73), ("prune-recover", 44.842538, 0.8942, 33.44),
+                                         ("prune-20", 19.888148, 0.8672, 28.53)):
         stated = stated_grade(GPU_RELEASE / stage / "grade.json", GPU_RELEASE / stage)
         assert stated["mflops"] == pytest.approx(mflops, abs=1e-6)
         assert stated["pte_accuracy"]["runner"] == pytest.approx(runner, abs=1e-4)
         assert stated["score"] == pytest.approx(score, abs=0.005)
     rows = read_schedule(GPU_RELEASE / "prune" / "schedule.csv")
-    assert rows[:-1] == read_schedule(GPU_RELEASE / "prune-45" / "schedule.csv") and rows[-1]["step"] == "recover"
+    recovered = read_schedule(GPU_RELEASE / "prune-recover" / "schedule.csv")
+    assert rows[:-1] == recovered and recovered[:-1] == read_schedule(GPU_RELEASE / "prune-45" / "schedule.csv")
+    assert [r["step"] for r in rows[-2:]] == ["recover", "average"]
+    recover = json.loads((GPU_RELEASE / "prune-recover" / "summary.json").read_text())
+    assert recover["val_before"] == rows[-3]["val_finetuned"] and recover["val_accuracy"] == rows[-2]["val_finetuned"]
     hand_in = json.loads((GPU_RELEASE / "prune" / "summary.json").read_text())
-    assert hand_in["val_before"] == rows[-2]["val_finetuned"] and hand_in["val_accuracy"] == rows[-1]["val_finetuned"]
+    ends = hand_in["val_by_fraction"]
+    assert (ends["0.0"], ends["1.0"]) == pytest.approx((rows[-3]["val_finetuned"], rows[-2]["val_finetuned"]), abs=1e-6)
+    assert hand_in["val_accuracy"] == rows[-1]["val_finetuned"] == max(ends.values()) > max(ends["0.0"], ends["1.0"])
+    first, second = (load_model(GPU_RELEASE / name / "mobilenet.pt") for name in ("prune-45", "prune-recover"))
+    expected = interpolate_models(first, second, hand_in["fraction"]).state_dict()
+    kept = load_model(GPU_RELEASE / "prune" / "mobilenet.pt").state_dict()
+    assert all(torch.equal(kept[k], expected[k]) for k in expected)
 
 
 def test_gpu_part1_sparsities_give_the_stated_size():
