@@ -170,9 +170,13 @@ def test_cli_average_keeps_the_best_interpolation_on_validation(tmp_path, capsys
 
     # Each candidate is evaluated once and cached; a cached value is not evaluated again (resume),
     # and the best on validation is kept, its weights the interpolation at that fraction.
+    from mobileprune.channel import average_key
+    from mobileprune.data import load_cifar10
+
+    key = average_key(pruned_model, later, load_cifar10(folder, val_size=10).val_labels)
     out = tmp_path / "a"
     out.mkdir()
-    (out / "val.json").write_text(json.dumps({"0.0": 0.1, "0.5": 0.9, "1.0": 0.2}))
+    (out / "val.json").write_text(json.dumps({"key": key, "val": {"0.0": 0.1, "0.5": 0.9, "1.0": 0.2}}))
     assert main(args + ["--fractions", "0.5", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fraction"] == 0.5 and summary["val_accuracy"] == 0.9
@@ -186,9 +190,15 @@ def test_cli_average_keeps_the_best_interpolation_on_validation(tmp_path, capsys
 
     # A tie goes to the later checkpoint: averaging must beat the ends, not match them.
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "val.json").write_text(json.dumps({"0.0": 0.5, "0.5": 0.5, "1.0": 0.5}))
+    (tmp_path / "b" / "val.json").write_text(json.dumps({"key": key, "val": {"0.0": 0.5, "0.5": 0.5, "1.0": 0.5}}))
     assert main(args + ["--fractions", "0.5", "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["fraction"] == 1.0
+
+    # A cache made for other models (another key) is not trusted: every candidate is measured again.
+    (tmp_path / "b" / "val.json").write_text(json.dumps({"key": "other", "val": {"0.0": 0.5, "0.5": 2.0, "1.0": 0.5}}))
+    assert main(args + ["--fractions", "0.5", "--out", str(tmp_path / "b")]) == 0
+    remeasured = json.loads((tmp_path / "b" / "summary.json").read_text())["val_by_fraction"]
+    assert remeasured["0.5"] <= 1.0 and json.loads((tmp_path / "b" / "val.json").read_text())["key"] == key
 
     # With nothing cached every candidate is evaluated (ends included) and the report has its table.
     assert main(args + ["--out", str(tmp_path / "c")]) == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,14 +461,17 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
     interpolate_models(first, second, 0.5)  # fail on different layouts before any evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "val.json"
-    val = {float(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    # The cache holds only what was measured for these two models on this validation split: a
+    # folder reused for other inputs starts afresh instead of choosing by stale numbers.
+    cache, key = out / "val.json", average_key(first, second, data.val_labels)
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    val = {float(k): v for k, v in saved.get("val", {}).items()} if saved.get("key") == key else {}
     for f in candidates:
         if f not in val:
             model = interpolate_models(first, second, f)
             val[f] = accuracy(model, data.val_images, data.val_labels, device=device, progress=progress,
                               desc=f"val {f:g}")
-            write_json(cache, {str(k): v for k, v in sorted(val.items())}, indent=None)
+            write_json(cache, {"key": key, "val": {str(k): v for k, v in sorted(val.items())}}, indent=None)
     # The ends first: an interpolation must beat them, not tie.
     best = max([1.0, 0.0] + [f for f in candidates if 0 < f < 1], key=lambda f: val[f])
     final = interpolate_models(first, second, best).cpu().eval()
@@ -483,6 +487,17 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
         summary = _carry_run_forward(Path(source_run), source, out, summary, final, step="average")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def average_key(first: nn.Module, second: nn.Module, val_labels: torch.Tensor) -> str:
+    """A digest of two models' weights and the validation labels: what ``average``'s cache is valid for."""
+    digest = hashlib.sha256()
+    for model in (first, second):
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(val_labels.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_run(source: Path) -> tuple[dict, list[dict]]:
