@@ -181,7 +181,8 @@ def test_cli_average_keeps_the_best_interpolation_on_validation(tmp_path, capsys
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fraction"] == 0.5 and summary["val_accuracy"] == 0.9
     assert summary["val_first"] == 0.1 and summary["val_second"] == 0.2 and summary["test_images"] == 6
-    kept, expected = load_model(out / "mobilenet.pt").state_dict(), interpolate_models(pruned_model, later, 0.5).state_dict()
+    kept = load_model(out / "mobilenet.pt").state_dict()
+    expected = interpolate_models(pruned_model, later, 0.5).state_dict()
     assert all(torch.equal(kept[k], expected[k]) for k in expected)
     assert "kept 0.5" in capsys.readouterr().out and (out / "average.png").is_file()
     # The run's record comes along: target, KD, and the schedule with an "average" row.

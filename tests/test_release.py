@@ -55,7 +55,8 @@ def test_gpu_runs_before_the_hand_in_count_as_stated():
     from mobileprune.models import interpolate_models
     from mobileprune.report import read_schedule
 
-    for stage, mflops, runner, score in (("prune-45", 44.842538, 0.8904, 31.73), ("prune-recover", 44.842538, 0.8942, 33.44),
+    for stage, mflops, runner, score in (("prune-45", 44.842538, 0.8904, 31.73),
+                                         ("prune-recover", 44.842538, 0.8942, 33.44),
                                          ("prune-20", 19.888148, 0.8672, 28.53)):
         stated = stated_grade(GPU_RELEASE / stage / "grade.json", GPU_RELEASE / stage)
         assert stated["mflops"] == pytest.approx(mflops, abs=1e-6)

@@ -9,6 +9,7 @@ A schedule (``run_schedule``) lowers MFLOPs geometrically to the target in N suc
 followed by a short fine-tune, then a longer recovery; every stage checkpoints and resumes.
 ``recover`` trains an already-pruned model further (more recovery, with the dense teacher) without
 changing its channels: a schedule's result is rarely trained to the end of what its width allows.
+``average`` interpolates two such checkpoints of one model and keeps the best point on validation.
 """
 from __future__ import annotations
 

@@ -441,8 +441,8 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
-            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover, "average": cmd_average,
-            "run": cmd_run, "package": cmd_package, "report": cmd_report}
+            "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover,
+            "average": cmd_average, "run": cmd_run, "package": cmd_package, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
