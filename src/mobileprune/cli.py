@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -171,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("package", help="write STUDENT_ID.zip in the lab's layout, then grade it as the lab will")
     p.add_argument("--id", required=True, dest="student_id", help="student id: names the zip and the notebook")
-    p.add_argument("--model-dir", help="folder with mobilenet.pth and mobilenet.pte (default: prune/ of the best "
-                                       "results present: release/lab2-20, release/lab2-45, release/h100, "
-                                       "release/cpu-small, runs/cpu-small, runs/quick)")
+    p.add_argument("--model-dir", help="folder with mobilenet.pth and mobilenet.pte (default: prune/ of the first "
+                                       "results folder present, release/gpu first (the list: "
+                                       "mobileprune.report.RESULT_FOLDERS), or $MOBILEPRUNE_RESULTS)")
     p.add_argument("--out", default=".", help="folder for the zip (default: .)")
     p.add_argument("--notebook", help="notebook to include (default: notebooks/lab2.ipynb if present)")
     p.add_argument("--runner", help="runner binary to include (default: build/xnn_executor_runner if built)")
@@ -447,8 +448,10 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Library warnings (torch.export, pytree) are noise on a user's terminal.
+    # Library warnings (torch.export, pytree) are noise on a user's terminal; so is torch's logged
+    # deprecation notice that executorch's import triggers (torch.utils._pytree, every .pte command).
     warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1" if args.no_progress else "")
     return exit_code("mobileprune", lambda: COMMANDS[args.command](args))
 
