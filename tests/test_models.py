@@ -84,6 +84,9 @@ def test_truncated_state_dict_or_missing_layout_says_which_file_is_wrong(tmp_pat
     layout.unlink()
     with pytest.raises(MobilepruneError, match=r"pruned.layout.json: no such file \(a .pt state_dict"):
         models.load_model(weights)
+    (tmp_path / "m.pte").write_bytes(b"\0" * 64)
+    with pytest.raises(MobilepruneError, match="m.pte: an ExecuTorch program, not a PyTorch model"):
+        models.load_model(tmp_path / "m.pte")
 
 
 def test_interpolation_of_two_checkpoints(pruned_model):

@@ -197,6 +197,9 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> mobilenetv2.Mobi
         raise MobilepruneError(f"{path}: folder holds no mobilenet.pth or model.pt")
     if path.suffix == ".pt":
         return load_state_with_layout(path)
+    if path.suffix == ".pte":
+        raise MobilepruneError(f"{path}: an ExecuTorch program, not a PyTorch model: pass the mobilenet.pth or "
+                               "mobilenet.pt (with its layout) it was exported from")
     return load_pickled_model(path, trust_pickle)
 
 
