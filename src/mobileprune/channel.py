@@ -450,7 +450,7 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
     carries its record forward as in ``recover``, with an "average" row.
     """
     from .evaluate import accuracy
-    from .models import interpolate_models
+    from .models import interpolate_models, same_channel_layout
     from .report import plot_average
 
     source = _read_run(Path(source_run)) if source_run is not None else None
@@ -459,7 +459,7 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
         raise MobilepruneError(f"fractions {bad} must lie strictly between 0 and 1 (the two models are 0 and 1)")
     candidates = sorted({0.0, 1.0, *map(float, fractions)})
     first, second = first.cpu().eval(), second.cpu().eval()
-    interpolate_models(first, second, 0.5)  # fail on different layouts before any evaluation
+    same_channel_layout(first, second)  # fail before any evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The cache holds only what was measured for these two models on this validation split: a
@@ -475,7 +475,7 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
             write_json(cache, {"key": key, "val": {str(k): v for k, v in sorted(val.items())}}, indent=None)
     # The ends first: an interpolation must beat them, not tie.
     best = max([1.0, 0.0] + [f for f in candidates if 0 < f < 1], key=lambda f: val[f])
-    final = interpolate_models(first, second, best).cpu().eval()
+    final = interpolate_models(first, second, best)
     mflops, params = count_mflops(final)
     summary = {"mflops": mflops, "params": params, "averaged": list(names), "fraction": best,
                "val_by_fraction": {str(f): val[f] for f in candidates},

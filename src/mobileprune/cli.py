@@ -341,6 +341,12 @@ def cmd_prune(args) -> None:
           "schedule.csv/.png, channels.csv/.png")
 
 
+def _part2_run_of(model_path: str) -> Path | None:
+    """The Part 2 run folder a model sits in (one with schedule.csv), whose record a later stage carries forward."""
+    folder = Path(model_path).parent
+    return folder if (folder / "schedule.csv").is_file() else None
+
+
 def cmd_recover(args) -> None:
     from .channel import RecoveryConfig, recover
     from .models import load_model
@@ -365,10 +371,7 @@ def cmd_recover(args) -> None:
     model = load_model(args.model, args.trust_pickle)
     teacher = load_model(args.teacher, args.trust_pickle) if config.distill else None
     out = Path(args.out or Path("runs") / recipe["name"] / "recover")
-    # A model saved by `mobileprune prune` sits in its run folder: carry the run's record forward.
-    source_run = Path(args.model).parent
-    if not (source_run / "schedule.csv").is_file():
-        source_run = None
+    source_run = _part2_run_of(args.model)
     s = recover(model, load_data(args, recipe), config, out, teacher, device=args.device or _auto_device(),
                 progress=not args.no_progress, source_run=source_run)
     print(f"{s['mflops']:.2f} MFLOPs, val {s['val_before']:.4f} -> {s['val_trained']:.4f} (kept the {s['kept']} "
@@ -385,9 +388,7 @@ def cmd_average(args) -> None:
     recipe = load_recipe(args.recipe)
     first, second = load_model(args.first, args.trust_pickle), load_model(args.second, args.trust_pickle)
     out = Path(args.out or Path("runs") / recipe["name"] / "average")
-    source_run = Path(args.second).parent  # as in recover: carry the later model's run record forward
-    if not (source_run / "schedule.csv").is_file():
-        source_run = None
+    source_run = _part2_run_of(args.second)
     s = average(first, second, load_data(args, recipe), args.fractions, out, device=args.device or _auto_device(),
                 progress=not args.no_progress, source_run=source_run, export=not args.no_export,
                 names=(args.first, args.second))

@@ -141,15 +141,22 @@ def interpolate_models(first: nn.Module, second: nn.Module, fraction: float) -> 
     """
     if not 0 <= fraction <= 1:
         raise MobilepruneError(f"interpolation fraction {fraction} must be in [0, 1]")
-    if channel_layout(first) != channel_layout(second):
-        raise MobilepruneError("the two models have different channel layouts: only checkpoints of the same "
-                               "pruned model can be averaged")
+    layout = same_channel_layout(first, second)
     first_state = first.state_dict()
     mixed = {name: torch.lerp(first_state[name].float().to(tensor.device), tensor.float(), fraction).to(tensor.dtype)
              if tensor.is_floating_point() else tensor for name, tensor in second.state_dict().items()}
-    model = model_from_layout(channel_layout(second))
+    model = model_from_layout(layout)
     model.load_state_dict(mixed)
     return model.eval()
+
+
+def same_channel_layout(first: nn.Module, second: nn.Module) -> dict:
+    """The channel layout the two models share; an error if they differ (they cannot be averaged)."""
+    layout = channel_layout(second)
+    if channel_layout(first) != layout:
+        raise MobilepruneError("the two models have different channel layouts: only checkpoints of the same "
+                               "pruned model can be averaged")
+    return layout
 
 
 def save_state_with_layout(model: nn.Module, directory: str | Path, stem: str = "model") -> tuple[Path, Path]:
