@@ -17,7 +17,7 @@ from mobileprune.channel import ScheduleConfig, run_schedule
 from mobileprune.data import find_data_dir, load_cifar10
 from mobileprune.models import load_model
 from mobileprune.recipes import load_recipe, section
-from mobileprune.report import write_report
+from mobileprune.report import draw_plots, write_report
 from mobileprune.train import default_device
 
 # One change each against the recipe's [prune] table.
@@ -56,6 +56,7 @@ def main() -> None:
         settings["export"] = False  # latency depends on the layout only; the hand-in is prune/
         summary = run_schedule(baseline, data, ScheduleConfig.from_dict(settings), root / f"prune-{name}",
                                device=args.device, progress=False)
+        draw_plots(root / f"prune-{name}")
         print(f"{name}: {summary['mflops']:.2f} MFLOPs, val {summary['val_accuracy']:.4f}, "
               f"test {summary['test_accuracy']:.4f}")
     print(f"report: {write_report(root)}")

@@ -14,7 +14,6 @@ changing its channels: a schedule's result is rarely trained to the end of what 
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -24,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import INPUT_SIZE, BatchStream, train_window
+from .data import INPUT_SIZE, BatchStream, check_image_count, train_window
 from .errors import MobilepruneError, check_known_settings
 from .evaluate import count_mflops
-from .files import write_json
-from .recipes import check_image_count
+from .files import read_csv, write_csv, write_json
 
 # MFLOPs a step may land below its budget: the grader's score rewards every MFLOP saved, but a
 # deeper cut than asked costs accuracy for nothing.
@@ -252,14 +250,15 @@ class ScheduleConfig:
 
 def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str | Path, device: str = "cpu",
                  progress: bool = True) -> dict:
-    """Prune ``baseline`` to ``config.target_mflops`` in steps with fine-tuning, recover, export, report.
+    """Prune ``baseline`` to ``config.target_mflops`` in steps with fine-tuning, recover, export.
+
+    Writes schedule.csv and channels.csv, from which ``report.draw_plots`` draws its plots.
 
     Resumable: a finished step leaves ``step_K/done.json`` and is skipped on the next run; an
     interrupted fine-tune continues from its ``last.pt``.
     """
     from .evaluate import accuracy
-    from .models import channel_layout, load_state_with_layout, save_state_with_layout
-    from .report import plot_channels, plot_schedule
+    from .models import load_state_with_layout, save_state_with_layout
     from .train import TrainConfig, evaluate_stream, recalibrate_batchnorm, train
 
     out = Path(out_dir)
@@ -272,7 +271,6 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
         for train_config in (finetune, recovery):
             if train_config is not None:
                 train_config.kd_alpha = 0.0
-    dense_layout = channel_layout(baseline)
 
     def stage_data(stage: int):  # stage 1..steps, then steps + 1 for the recovery
         if not config.images_per_step:
@@ -336,10 +334,8 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
                                          size=finetune.eval_resolution),
                "test_images": len(data.test_labels), "distill": config.distill, "prune": config.prune,
                "images_per_step": config.images_per_step}
-    _write_csv(rows, out / "schedule.csv")
-    _write_csv(channel_table(baseline, model), out / "channels.csv")
-    plot_schedule(rows, out / "schedule.png", config.target_mflops)
-    plot_channels(dense_layout, channel_layout(model), out / "channels.png")
+    write_csv(rows, out / "schedule.csv")
+    write_csv(channel_table(baseline, model), out / "channels.csv")
     _save_result(model, out, config.export)
     write_json(out / "summary.json", summary)
     return summary
@@ -451,7 +447,6 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
     """
     from .evaluate import accuracy
     from .models import interpolate_models, same_channel_layout
-    from .report import plot_average
 
     source = _read_run(Path(source_run)) if source_run is not None else None
     bad = [f for f in fractions if not 0 < f < 1]
@@ -482,7 +477,6 @@ def average(first: nn.Module, second: nn.Module, data, fractions: list[float], o
                "val_first": val[0.0], "val_second": val[1.0], "val_accuracy": val[best],
                "test_accuracy": accuracy(final, data.test_images, data.test_labels, device=device),
                "test_images": len(data.test_labels), "distill": False}
-    plot_average(summary["val_by_fraction"], best, out / "average.png")
     _save_result(final, out, export)
     if source is not None:
         summary = _carry_run_forward(Path(source_run), source, out, summary, final, step="average")
@@ -503,10 +497,8 @@ def average_key(first: nn.Module, second: nn.Module, val_labels: torch.Tensor) -
 
 def _read_run(source: Path) -> tuple[dict, list[dict]]:
     """A Part 2 run folder's summary and schedule rows."""
-    from .report import read_schedule
-
     try:
-        return json.loads((source / "summary.json").read_text()), read_schedule(source / "schedule.csv")
+        return json.loads((source / "summary.json").read_text()), read_csv(source / "schedule.csv")
     except (OSError, ValueError) as e:
         raise MobilepruneError(f"{source}: not a Part 2 run folder with summary.json and schedule.csv ({e})") from None
 
@@ -514,24 +506,14 @@ def _read_run(source: Path) -> tuple[dict, list[dict]]:
 def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, summary: dict, model: nn.Module,
                        step: str = "recover") -> dict:
     """The source run's settings and schedule, with this stage as its last row ``step`` (see ``recover``)."""
-    from .models import build_mobilenet_v2, channel_layout
-    from .report import plot_channels, plot_schedule
+    from .models import build_mobilenet_v2
 
     before, rows = run
     rows.append({"step": step, "mflops": summary["mflops"], "params": summary["params"], "val_pruned": None,
                  "val_finetuned": summary["val_accuracy"]})
-    _write_csv(rows, out / "schedule.csv")
-    plot_schedule(rows, out / "schedule.png", before.get("target_mflops"))
-    dense = build_mobilenet_v2()  # the channel counts before pruning: no weights needed
-    _write_csv(channel_table(dense, model), out / "channels.csv")
-    plot_channels(channel_layout(dense), channel_layout(model), out / "channels.png")
+    write_csv(rows, out / "schedule.csv")
+    # The channel counts before pruning are the dense model's: no weights needed.
+    write_csv(channel_table(build_mobilenet_v2(), model), out / "channels.csv")
     kept = {k: before[k] for k in ("target_mflops", "dense_mflops", "prune", "images_per_step") if k in before}
     return {**kept, **summary, "recovered_from": str(source), "distill": before.get("distill", False) or summary["distill"]}
 
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)

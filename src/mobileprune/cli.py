@@ -220,6 +220,13 @@ def cmd_train(args) -> None:
           f"({s['test_images']} images); wrote {out}/mobilenet.pth and best.pt")
 
 
+def _draw_plots(stage: Path) -> None:
+    """A stage writes its data files; the report draws its plots from them (data flows one way)."""
+    from .report import draw_plots
+
+    draw_plots(stage)
+
+
 def _auto_device() -> str:
     from .train import default_device
 
@@ -311,6 +318,7 @@ def cmd_finegrained(args) -> None:
     out = Path(args.out or Path("runs") / recipe["name"] / "finegrained")
     summary = run_finegrained(baseline, load_data(args, recipe), settings, out, device=args.device or _auto_device(),
                               sparsity=sparsity, progress=not args.no_progress)
+    _draw_plots(out)
     print((out / "summary.md").read_text())
     print(f"wrote {out}/mobilenet.pth, mobilenet.pt, sparsity.json, plots/, summary.md "
           f"({summary['relative_size_after']:.2%} of dense size)")
@@ -335,6 +343,7 @@ def cmd_prune(args) -> None:
     out = Path(args.out or Path("runs") / recipe["name"] / "prune")
     s = run_schedule(baseline, load_data(args, recipe), config, out, device=args.device or _auto_device(),
                      progress=not args.no_progress)
+    _draw_plots(out)
     print(f"{s['mflops']:.2f} MFLOPs (target {s['target_mflops']:g}), {s['params']:,} params: val "
           f"{s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} ({s['test_images']} images)")
     print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, "
@@ -374,6 +383,7 @@ def cmd_recover(args) -> None:
     source_run = _part2_run_of(args.model)
     s = recover(model, load_data(args, recipe), config, out, teacher, device=args.device or _auto_device(),
                 progress=not args.no_progress, source_run=source_run)
+    _draw_plots(out)
     print(f"{s['mflops']:.2f} MFLOPs, val {s['val_before']:.4f} -> {s['val_trained']:.4f} (kept the {s['kept']} "
           f"model), test {s['test_accuracy']:.4f} ({s['test_images']} images)")
     print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, summary.json"
@@ -392,6 +402,7 @@ def cmd_average(args) -> None:
     s = average(first, second, load_data(args, recipe), args.fractions, out, device=args.device or _auto_device(),
                 progress=not args.no_progress, source_run=source_run, export=not args.no_export,
                 names=(args.first, args.second))
+    _draw_plots(out)
     tried = ", ".join(f"{f}: {v:.4f}" for f, v in s["val_by_fraction"].items())
     print(f"validation by fraction of the second model: {tried}; kept {s['fraction']:g}, test "
           f"{s['test_accuracy']:.4f} ({s['test_images']} images), {s['mflops']:.2f} MFLOPs")

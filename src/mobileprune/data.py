@@ -191,6 +191,12 @@ def load_cifar10(folder: Path, val_size: int = 5000, seed: int = 0, train_limit:
                    test_images[:test_limit], test_labels[:test_limit])
 
 
+def check_image_count(value, name: str) -> None:
+    """A count of images in a stage's settings: a whole number, 0 meaning off (TOML has no unsigned type)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MobilepruneError(f"{name} must be 0 (off) or more, a whole number (got {value!r})")
+
+
 def train_window(data: Cifar10, start: int, count: int) -> Cifar10:
     """``data`` with its training split cut to ``count`` images from ``start``, wrapping at the end.
 
@@ -244,8 +250,9 @@ def preprocess(images: torch.Tensor, size: int = INPUT_SIZE, variant: str = "tor
     return (x - mean) / std
 
 
-def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Random crop with ``pad`` reflect-padding and random horizontal flip, batched, at 32x32.
+def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4,
+            flip: bool = True) -> torch.Tensor:
+    """Random crop with ``pad`` reflect-padding and (with ``flip``) random horizontal flip, batched, at 32x32.
 
     Works on uint8 batches on any device (no per-image Python loop): per-image offsets are
     applied with one gather.
@@ -255,13 +262,26 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad:
     padded = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
-    flip = torch.rand(n, generator=generator, device="cpu").to(dev) < 0.5
+    flips = torch.rand(n, generator=generator, device="cpu").to(dev) < 0.5
+    flip = flips & flip
     rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = torch.arange(w, device=dev).expand(n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
     out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                  rows, cols[:, None, None, :]]
     return out.to(images.dtype)
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image with one random ``size`` x ``size`` square set to 0 (DeVries & Taylor 2017), batched."""
+    n, _, h, w = images.shape
+    dev = images.device
+    top = torch.randint(0, h - size + 1, (n,), generator=generator, device="cpu").to(dev)
+    left = torch.randint(0, w - size + 1, (n,), generator=generator, device="cpu").to(dev)
+    rows = torch.arange(h, device=dev)[None, :] - top[:, None]
+    cols = torch.arange(w, device=dev)[None, :] - left[:, None]
+    square = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return images.masked_fill(square[:, None], 0)
 
 
 class BatchStream:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .data import check_image_count
 from .errors import MobilepruneError
 from .files import write_json
-from .recipes import check_image_count
 
 DEFAULT_SCAN_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -46,6 +46,20 @@ def fine_grained_prune(tensor: torch.Tensor, sparsity: float) -> torch.Tensor:
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Weights of convolutions and linear layers (dim > 1), by parameter name."""
     return {name: p for name, p in model.named_parameters() if p.dim() > 1}
+
+
+def weight_histograms(model: nn.Module, bins: int = 128) -> dict[str, dict]:
+    """Each prunable layer's non-zero weights as ``{"range": [low, high], "counts": [...]}`` (equal bins).
+
+    What ``report`` draws the weight distributions from (the lab's first question), so that a
+    report needs no model file.
+    """
+    histograms = {}
+    for name, param in prunable_parameters(model).items():
+        weights = param.detach().float().cpu().flatten()
+        counts, edges = np.histogram(weights[weights != 0].numpy(), bins=bins)
+        histograms[name] = {"range": [float(edges[0]), float(edges[-1])], "counts": counts.tolist()}
+    return histograms
 
 
 class FineGrainedPruner:
@@ -258,7 +272,10 @@ def parse_settings(settings: dict) -> dict:
 
 def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Path, device: str = "cpu",
                     sparsity: dict[str, float] | None = None, progress: bool = True) -> dict:
-    """Scan, allocate (or take ``sparsity`` by hand), prune, fine-tune with masks, measure, plot, export.
+    """Scan, allocate (or take ``sparsity`` by hand), prune, fine-tune with masks, measure, export.
+
+    Writes sensitivity.json, sparsity.json and weights.json, from which ``report.draw_plots`` draws
+    the plots that summary.md names.
 
     ``settings`` is a recipe's ``[finegrained]`` table: ``target_size`` (fraction of dense size),
     ``scan_sparsities``, ``scan_images`` (validation images the scan uses), ``eval_resolution``,
@@ -271,15 +288,13 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
 
     from .evaluate import accuracy
     from .models import save_pickled_model, save_state_with_layout
-    from .report import plot_bars, plot_sensitivity, plot_weight_distribution
-    from .train import TrainConfig, recalibrate_batchnorm, train
+    from .train import recalibrate_batchnorm, train
 
     parsed = parse_settings(settings)
     train_config, target, size = parsed["train"], parsed["target_size"], parsed["eval_resolution"]
     scan_sparsities, scan_images = parsed["scan_sparsities"], parsed["scan_images"]
     distill, do_export, do_bench = parsed["distill"], parsed["export"], parsed["bench"]
     out = Path(out_dir)
-    plots = out / "plots"
     dense = copy.deepcopy(baseline).to(device).eval()
     model = copy.deepcopy(baseline).to(device).eval()
 
@@ -288,9 +303,9 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
         return accuracy(m, images[:limit], labels[:limit], device=device, size=size)
 
     summary = {"target_size": target, "dense_val": measure(model, "val"), "dense_test": measure(model, "test")}
-    plot_weight_distribution(model, plots / "weights_dense.png")
-    plot_bars({n: p.numel() for n, p in prunable_parameters(model).items()}, plots / "parameters.png",
-              "Parameters per layer", "parameters")
+    weights = {"parameters": {n: p.numel() for n, p in prunable_parameters(model).items()},
+               "dense": weight_histograms(model)}
+    write_json(out / "weights.json", weights, indent=None)
     if sparsity is None:
         scan_recalibration = min(parsed["scan_bn_recalibration_images"], len(data.train_labels))
         measure_scan_point = functools.partial(measure, split="val", limit=scan_images)
@@ -302,9 +317,7 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
         scan = sensitivity_scan(model, measure_scan_point, scan_sparsities, cache=out / "sensitivity.json",
                                 progress=progress, key=key)
         sparsity = allocate_sparsity(scan, model, target)
-        plot_sensitivity(scan, plots / "sensitivity.png", sparsity)
     write_json(out / "sparsity.json", sparsity)
-    plot_bars(sparsity, plots / "sparsity.png", "Chosen sparsity per layer", "sparsity")
 
     pruner = FineGrainedPruner(model, sparsity)
     summary.update(relative_size=relative_size(model), sparsity=model_sparsity(model),
@@ -325,7 +338,7 @@ def run_finegrained(baseline: nn.Module, data, settings: dict, out_dir: str | Pa
                    best_epoch=result.best_epoch, relative_size_after=relative_size(model),
                    finetune_epochs=train_config.epochs, finetune_images=len(data.split("train")[1]),
                    distill=distill)
-    plot_weight_distribution(model, plots / "weights_pruned.png")
+    write_json(out / "weights.json", {**weights, "pruned": weight_histograms(model)}, indent=None)
     save_pickled_model(model, out / "mobilenet.pth")
     save_state_with_layout(model, out, "mobilenet")  # to rebuild the .pth under other torch versions
     if do_export:

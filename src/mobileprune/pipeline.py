@@ -50,7 +50,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     from .evaluate import format_grade, grade
     from .finegrained import run_finegrained
     from .models import load_model
-    from .report import write_report
+    from .report import draw_plots, write_report
 
     root = Path(out_root)
     data = load_cifar10(Path(data_dir), **recipe.get("data", {}))
@@ -67,6 +67,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     if "finegrained" in recipe and not (root / "finegrained" / "summary.json").is_file():
         log("[2/4] Part 1: fine-grained pruning")
         run_finegrained(baseline, data, recipe["finegrained"], root / "finegrained", device=device, progress=progress)
+        draw_plots(root / "finegrained")
     else:
         log("[2/4] Part 1: " + ("done already" if "finegrained" in recipe else "not in this recipe"))
 
@@ -76,6 +77,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
         log("[3/4] Part 2: channel pruning")
         run_schedule(baseline, data, ScheduleConfig.from_dict(recipe["prune"]), root / "prune", device=device,
                      progress=progress)
+        draw_plots(root / "prune")
     else:
         log("[3/4] Part 2: done already")
 

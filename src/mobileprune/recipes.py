@@ -71,12 +71,6 @@ def check_recipe(recipe: dict) -> None:
             resize_matrix(variant, 2)  # an unknown resize names the known ones
 
 
-def check_image_count(value, name: str) -> None:
-    """A recipe's count of images: a whole number, 0 meaning off (TOML has no unsigned type)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MobilepruneError(f"{name} must be 0 (off) or more, a whole number (got {value!r})")
-
-
 def section(recipe: dict, name: str) -> dict:
     if name not in recipe:
         raise MobilepruneError(f"recipe {recipe.get('name')!r} has no [{name}] table")

@@ -1,11 +1,12 @@
-"""Plots (PNG, no display needed) and the markdown report of a run or a release.
+"""Plots (PNG, no display needed) and the markdown report of a run or a release, drawn from files alone.
 
-Each stage draws its plots as it runs; ``write_report`` (``mobileprune report``) redraws them from
-the files the stages saved and writes one REPORT.md for a run folder or a release of several.
+A stage writes its data files (summaries, tables, histograms, channel counts); ``draw_plots`` draws
+a stage's plots from them (the pipeline and the CLI ask for it after each stage), and
+``write_report`` (``mobileprune report``) redraws them all and writes one REPORT.md for a run
+folder or a release of several. Nothing here imports a stage: data flows one way.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -16,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from torch import nn  # noqa: E402
 
 from .errors import MobilepruneError  # noqa: E402
+from .files import read_csv  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -49,15 +50,14 @@ def _layer_grid(names: list[str], draw, path: str | Path, title: str, sharey: bo
     return _save(fig, path)
 
 
-def plot_weight_distribution(model: nn.Module, path: str | Path, bins: int = 128) -> Path:
-    """Histogram of each prunable layer's non-zero weights (the lab's first question)."""
-    weights = {n: p.detach().cpu().flatten().numpy() for n, p in model.named_parameters() if p.dim() > 1}
-
+def plot_weight_distribution(histograms: dict[str, dict], path: str | Path) -> Path:
+    """Each prunable layer's histogram of non-zero weights (``finegrained.weight_histograms``; the lab's first question)."""
     def draw(ax, name):
-        w = weights[name]
-        ax.hist(w[w != 0], bins=bins, color="tab:blue", density=True)
+        counts = np.asarray(histograms[name]["counts"])
+        edges = np.linspace(*histograms[name]["range"], len(counts) + 1)
+        ax.hist(edges[:-1], bins=edges, weights=counts, color="tab:blue", density=True)
 
-    return _layer_grid(list(weights), draw, path, "Weight distribution per layer (non-zero weights)")
+    return _layer_grid(list(histograms), draw, path, "Weight distribution per layer (non-zero weights)")
 
 
 def plot_sensitivity(scan: dict, path: str | Path, chosen: dict[str, float] | None = None) -> Path:
@@ -112,14 +112,13 @@ def plot_average(val_by_fraction: dict[str, float], kept: float, path: str | Pat
     return _save(fig, path)
 
 
-def plot_channels(before: dict, after: dict, path: str | Path) -> Path:
-    """Output channels of every convolution, dense against pruned (from two channel layouts)."""
-    names = [n for n, v in before["layers"].items() if "groups" in v]
-    x = np.arange(len(names))
+def plot_channels(rows: list[dict], path: str | Path) -> Path:
+    """Output channels of every convolution, dense against pruned (the rows of a stage's channels.csv)."""
+    x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(12, 3.5))
-    ax.bar(x, [before["layers"][n]["out"] for n in names], color="lightgrey", label="dense")
-    ax.bar(x, [after["layers"][n]["out"] for n in names], color="tab:blue", label="pruned")
-    ax.set_xticks(x, [_short(n) for n in names], rotation=90, fontsize=6)
+    ax.bar(x, [r["before"] for r in rows], color="lightgrey", label="dense")
+    ax.bar(x, [r["after"] for r in rows], color="tab:blue", label="pruned")
+    ax.set_xticks(x, [_short(r["layer"]) for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("output channels")
     ax.legend()
     return _save(fig, path)
@@ -153,7 +152,7 @@ STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "b
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
 RELEASE_FILES = ("summary.json", "summary.md", "history.csv", "schedule.csv", "channels.csv", "sensitivity.json",
-                 "sparsity.json", "grade.json", "grade.txt", "plots/*.png", "*.png")
+                 "sparsity.json", "weights.json", "grade.json", "grade.txt", "plots/*.png", "*.png")
 RELEASE_MODELS = ("mobilenet.pth", "mobilenet.pte", "mobilenet.pt", "mobilenet.layout.json")
 
 
@@ -164,16 +163,20 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def stage_kinds(summary: dict) -> list[str]:
+    """What a stage's summary.json says it is (STAGE_KEYS), one kind or more."""
+    # A recovery of a Part 2 run is both: a row in the Part 2 table and one in the recovery
+    # table. Part 1 also records its best epoch: "baseline" is only what is nothing else.
+    kinds = [kind for kind, key in STAGE_KEYS.items() if key in summary and kind != "baseline"]
+    return kinds or (["baseline"] if STAGE_KEYS["baseline"] in summary else [])
+
+
 def find_stages(root: str | Path) -> dict[str, list[Path]]:
     """Stage folders under ``root`` (itself included), by kind, and the folders holding a grade.json."""
     root = Path(root)
     found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade")}
     for path in sorted(root.rglob("summary.json")):
-        summary = _read_json(path) or {}
-        # A recovery of a Part 2 run is both: a row in the Part 2 table and one in the recovery
-        # table. Part 1 also records its best epoch: "baseline" is only what is nothing else.
-        kinds = [kind for kind, key in STAGE_KEYS.items() if key in summary and kind != "baseline"]
-        for kind in kinds or (["baseline"] if STAGE_KEYS["baseline"] in summary else []):
+        for kind in stage_kinds(_read_json(path) or {}):
             found[kind].append(path.parent)
     found["grade"] = sorted(p.parent for p in root.rglob("grade.json") if _read_json(p))
     return found
@@ -181,50 +184,42 @@ def find_stages(root: str | Path) -> dict[str, list[Path]]:
 
 def read_schedule(path: str | Path) -> list[dict]:
     """schedule.csv back into rows of numbers (empty cells become None)."""
-    def number(text: str):
-        if text == "":
-            return None
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
-    with open(path, newline="") as f:
-        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return read_csv(path)
 
 
-def regenerate_plots(stage: str | Path, kind: str) -> list[Path]:
-    """Redraw a stage's plots from the files it wrote (models are needed only for weight histograms)."""
-    from .finegrained import prunable_parameters
-    from .models import build_mobilenet_v2, channel_layout, load_model
+def draw_plots(stage: str | Path) -> list[Path]:
+    """Draw a stage folder's plots from the files the stage wrote; returns the files drawn.
 
+    Part 2 (and recover, average): schedule.png from schedule.csv, channels.png from channels.csv,
+    average.png from summary.json; Part 1: plots/ from sensitivity.json, sparsity.json and
+    weights.json. A file that is not there is a plot not drawn.
+    """
     stage = Path(stage)
     summary = _read_json(stage / "summary.json") or {}
+    kinds = stage_kinds(summary)
     written = []
-    if kind == "prune":
+    if {"prune", "recover", "average"} & set(kinds):
         if (stage / "schedule.csv").is_file():
-            written.append(plot_schedule(read_schedule(stage / "schedule.csv"), stage / "schedule.png",
+            written.append(plot_schedule(read_csv(stage / "schedule.csv"), stage / "schedule.png",
                                          summary.get("target_mflops")))
-        layout = _read_json(stage / "mobilenet.layout.json")
-        if layout:
-            written.append(plot_channels(channel_layout(build_mobilenet_v2()), layout, stage / "channels.png"))
-    elif kind == "average":
+        if (stage / "channels.csv").is_file():
+            written.append(plot_channels(read_csv(stage / "channels.csv"), stage / "channels.png"))
+    if "average" in kinds:
         written.append(plot_average(summary["val_by_fraction"], summary["fraction"], stage / "average.png"))
-    elif kind == "finegrained":
+    if "finegrained" in kinds:
         plots = stage / "plots"
-        written.append(plot_bars({n: p.numel() for n, p in prunable_parameters(build_mobilenet_v2()).items()},
-                                 plots / "parameters.png", "Parameters per layer", "parameters"))
         sparsity, scan = _read_json(stage / "sparsity.json"), _read_json(stage / "sensitivity.json")
+        weights = _read_json(stage / "weights.json") or {}
+        if weights.get("parameters"):
+            written.append(plot_bars(weights["parameters"], plots / "parameters.png", "Parameters per layer",
+                                     "parameters"))
         if scan:
             written.append(plot_sensitivity(scan, plots / "sensitivity.png", sparsity))
         if sparsity:
             written.append(plot_bars(sparsity, plots / "sparsity.png", "Chosen sparsity per layer", "sparsity"))
-        for model_path, name in ((stage.parent / "baseline" / "mobilenet.pth", "weights_dense.png"),
-                                 (stage / "mobilenet.pth", "weights_pruned.png")):
-            if model_path.is_file():
-                written.append(plot_weight_distribution(load_model(model_path), plots / name))
+        for key, name in (("dense", "weights_dense.png"), ("pruned", "weights_pruned.png")):
+            if weights.get(key):
+                written.append(plot_weight_distribution(weights[key], plots / name))
     return written
 
 
@@ -298,9 +293,8 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
         raise MobilepruneError(f"{root}: no such folder")
     stages = find_stages(root)
     if plots:
-        for kind in ("finegrained", "prune", "average"):
-            for stage in stages[kind]:
-                regenerate_plots(stage, kind)
+        for stage in sorted({stage for kind in ("finegrained", "prune", "recover", "average") for stage in stages[kind]}):
+            draw_plots(stage)
     lines = [f"# mobileprune report: `{root}`", "",
              f"Written by `mobileprune report {root}` from the summaries, tables and channel layouts the stages "
              "saved. MFLOPs are counted as the grader counts them (`tp.utils.count_ops_and_params` at "
