@@ -8,7 +8,8 @@ from mobileprune.recipes import PROJECT_RECIPES, load_recipe
 @pytest.mark.parametrize("path", sorted(PROJECT_RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_recipe_loads(path):
     recipe = load_recipe(path.stem)
-    assert recipe["description"] and ({"baseline", "finegrained", "prune", "recover"} & set(recipe))
+    assert recipe["description"] and ({"baseline", "finegrained", "prune", "recover", "students", "distill"}
+                                      & set(recipe))
 
 
 @pytest.mark.parametrize("table, message", [
@@ -24,6 +25,13 @@ def test_shipped_recipe_loads(path):
     ('[prune]\ntarget_mflops = 20\n[prune.prune]\nimportance = "l3"\n', "unknown importance 'l3'"),
     ('[prune]\ntarget_mflops = 20\n[prune.prune]\nglobal = true\n', "unknown prune settings ['global']"),
     ('[prune]\ntarget_mflops = 20\n[prune.recovery]\nepoch = 3\n', "unknown training settings ['epoch']"),
+    ('[students]\ntargets = 20\n', "[students] targets must be a list of positive MFLOPs"),
+    ('[students]\ntargets = [20]\n[students.prune]\nimportance = "l3"\n', "unknown importance 'l3'"),
+    ('[teacher]\nwidth = [64]\n', "unknown [teacher] settings ['width']"),
+    ('[teacher]\ndepth = 4\n', "[teacher] depth must be 2 or 3"),
+    ('[distill]\nbudget_s = -1\n', "[distill] budget_s must be a positive number"),
+    ('[distill]\nresize_variants = ["nearest"]\n', "unknown resize variant 'nearest'"),
+    ('[distill]\nema_decay = 1.5\n', "ema_decay must be in [0, 1)"),
 ])
 def test_recipe_mistakes_are_named_at_load(tmp_path, table, message):
     path = tmp_path / "typo.toml"

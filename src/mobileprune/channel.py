@@ -517,3 +517,72 @@ def _carry_run_forward(source: Path, run: tuple[dict, list[dict]], out: Path, su
     kept = {k: before[k] for k in ("target_mflops", "dense_mflops", "prune", "images_per_step") if k in before}
     return {**kept, **summary, "recovered_from": str(source), "distill": before.get("distill", False) or summary["distill"]}
 
+
+
+# ----------------------------------------------------------------------------- students for distillation
+@dataclass
+class StudentsConfig:
+    """Students for ``distill``: the dense baseline pruned in one step to each MFLOPs target."""
+
+    targets: list[float] = field(default_factory=lambda: [18.0, 24.0, 32.0, 40.0])
+    prune: dict = field(default_factory=dict)  # a PruneStepConfig
+    # BatchNorm statistics re-estimated on this many training images after pruning (0: off)
+    bn_recalibration_images: int = 1000
+    val_images: int = 0  # validation images measured after pruning (0: all; a CPU may want fewer)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StudentsConfig":
+        check_known_settings(cls, values, "[students]")
+        for name in ("bn_recalibration_images", "val_images"):
+            check_image_count(values.get(name, 0), f"[students] {name}")
+        config = cls(**values)
+        targets = config.targets
+        if not isinstance(targets, list) or not targets or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in targets):
+            raise MobilepruneError(f"[students] targets must be a list of positive MFLOPs (got {targets!r})")
+        PruneStepConfig.from_dict(config.prune)
+        return config
+
+
+def student_name(target: float) -> str:
+    return f"student-{target:g}"
+
+
+def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir: str | Path, device: str = "cpu",
+                     progress: bool = True) -> list[dict]:
+    """Prune ``baseline`` to each target in one step, re-estimate BatchNorm, save state_dict + layout + student.json.
+
+    One step each, not a schedule: the students are trained afterwards for many epochs by
+    ``distill``, and a one-step cut costs CPU minutes, not GPU minutes. Resumable: a student whose
+    student.json is there is not pruned again.
+    """
+    from .evaluate import accuracy
+    from .models import save_state_with_layout
+    from .train import recalibrate_batchnorm
+
+    out = Path(out_dir)
+    prune_config = PruneStepConfig.from_dict(config.prune)
+    dense_mflops = count_mflops(baseline.cpu().eval())[0]
+    too_big = [t for t in config.targets if t >= dense_mflops]
+    if too_big:
+        raise MobilepruneError(f"student targets {too_big} MFLOPs are not below the dense model's {dense_mflops:.2f}")
+    records = []
+    for target in sorted(config.targets, reverse=True):
+        folder = out / student_name(target)
+        if (folder / "student.json").is_file():
+            records.append(json.loads((folder / "student.json").read_text()))
+            continue
+        model = prune_to_mflops(baseline, target, prune_config, data, device)
+        recalibration = min(config.bn_recalibration_images, len(data.train_labels))
+        recalibrate_batchnorm(model, data.train_images[:recalibration], INPUT_SIZE, device=device)
+        limit = config.val_images or None
+        val = accuracy(model, data.val_images[:limit], data.val_labels[:limit], device=device, progress=progress,
+                       desc=student_name(target))
+        mflops, params = count_mflops(model.cpu())
+        save_state_with_layout(model, folder, "mobilenet")
+        record = {"target_mflops": target, "mflops": mflops, "params": params, "val_accuracy": val,
+                  "val_images": len(data.val_labels[:limit]), "bn_recalibration_images": recalibration,
+                  "dense_mflops": dense_mflops, "prune": config.prune}
+        write_json(folder / "student.json", record)
+        records.append(record)
+    return records

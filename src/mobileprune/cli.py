@@ -58,7 +58,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
 
 
-def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str) -> None:
+def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str, export: bool = True) -> None:
     """What every stage that starts from the dense baseline takes: recipe, baseline, output, device, data."""
     p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
     p.add_argument("--recipe", default=default_recipe,
@@ -66,8 +66,9 @@ def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str)
     p.add_argument("--out", help=f"output folder (default: runs/<recipe>/{stage})")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--no-export", action="store_true",
-                   help="write no .pte (for a machine without ExecuTorch; `mobileprune export` makes it later)")
+    if export:
+        p.add_argument("--no-export", action="store_true",
+                       help="write no .pte (for a machine without ExecuTorch; `mobileprune export` makes it later)")
     _add_data_args(p)
 
 
@@ -162,6 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="write no .pte")
     _add_data_args(p)
 
+    p = sub.add_parser("students", help="prune the dense baseline to each MFLOPs target in one step: students for "
+                                        "`mobileprune distill`")
+    _add_stage_args(p, "students", default_recipe="distill", export=False)
+    p.add_argument("--targets", type=_positive_float, nargs="+", help="MFLOPs targets (overrides the recipe's)")
+
+    p = sub.add_parser("teacher", help="train the 32-px teacher alone (what `mobileprune distill` trains first)")
+    p.add_argument("--recipe", default="distill", help="recipe with a [teacher] table (default: distill)")
+    p.add_argument("--budget-s", type=_positive_float, help="stop the schedule after this many seconds (a CPU "
+                                                           "measured in fixed time); overrides [teacher] budget_s")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/teacher)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_data_args(p)
+
+    p = sub.add_parser("distill", help="train the 32-px teacher (or load one), then every student together on one "
+                                       "wall-clock budget")
+    p.add_argument("--recipe", default="distill", help="recipe with [teacher] and [distill] tables (default: distill)")
+    p.add_argument("--students", help="folder of students (default: runs/<recipe>/students)")
+    p.add_argument("--teacher", help="a trained teacher.pt to load instead of training one")
+    p.add_argument("--budget-s", type=_positive_float, help="seconds for the whole command (overrides the recipe's)")
+    p.add_argument("--out", help="run folder (default: runs/<recipe>/distill)")
+    p.add_argument("--pack", metavar="DIR", help="then pack what must come back from a GPU machine into DIR "
+                                                 "(at most 8 files of 16 MiB)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_data_args(p)
+
+    p = sub.add_parser("pack", help="pack a distill run's results into at most 8 files of 16 MiB")
+    p.add_argument("run", help="a `mobileprune distill` run folder")
+    p.add_argument("out", help="folder for the pieces and pack.json")
+
+    p = sub.add_parser("unpack", help="unpack a packed distill run, rebuild each student's .pth and .pte, measure "
+                                      "its test accuracy")
+    p.add_argument("pack", help="folder holding pack.json and its pieces")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--no-export", action="store_true", help="write no .pte")
+    p.add_argument("--device", default="cpu")
+    _add_data_args(p)
+
     p = sub.add_parser("run", help="the whole pipeline from one recipe: baseline, Part 1, Part 2, grade, report")
     p.add_argument("--recipe", default="quick", help="recipe name or .toml path (default: quick)")
     p.add_argument("--out", help="output folder (default: runs/<recipe>)")
@@ -200,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- commands
-def load_data(args, recipe: dict | None = None):
+def load_data(args, recipe: dict | None = None, test: bool = True):
     from .data import find_data_dir, load_cifar10
 
     settings = dict((recipe or {}).get("data", {}))
     folder = find_data_dir(args.data, download=args.download)
-    return load_cifar10(folder, **settings)
+    return load_cifar10(folder, **settings, test=test)
 
 
 def cmd_train(args) -> None:
@@ -410,6 +448,97 @@ def cmd_average(args) -> None:
           f"average.png, summary.json" + (f", and {source_run}'s schedule with an average row" if source_run else ""))
 
 
+def cmd_students(args) -> None:
+    from .channel import StudentsConfig, prepare_students, student_name
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    settings = section(recipe, "students")
+    if args.targets:
+        settings["targets"] = list(args.targets)
+    config = StudentsConfig.from_dict(settings)
+    baseline = _baseline(args, recipe)
+    out = Path(args.out or Path("runs") / recipe["name"] / "students")
+    records = prepare_students(baseline, load_data(args, recipe, test=False), config, out,
+                               device=args.device or _auto_device(), progress=not args.no_progress)
+    for r in records:
+        print(f"{student_name(r['target_mflops'])}: {r['mflops']:.2f} MFLOPs, {r['params']:,} params, val "
+              f"{r['val_accuracy']:.4f} after pruning ({r['val_images']:,} images)")
+    print(f"wrote {out}/student-*/ (mobilenet.pt + layout, student.json): `mobileprune distill --students {out}`")
+
+
+def cmd_teacher(args) -> None:
+    from .distill import TeacherConfig, train_teacher
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    settings = section(recipe, "teacher")
+    if args.budget_s:
+        settings["budget_s"] = args.budget_s
+    config = TeacherConfig.from_dict(settings)
+    out = Path(args.out or Path("runs") / recipe["name"] / "teacher")
+    _, s = train_teacher(load_data(args, recipe, test=False), config, out, device=args.device or _auto_device(),
+                         progress=not args.no_progress)
+    print(f"teacher {s['widths']} x{s['depth']}: {s['epochs']:g} epochs in {s['seconds']:.0f} s "
+          f"({s['images_per_s']:.0f} img/s), val {s['val_accuracy']:.4f}, {s['val_accuracy_tta']:.4f} with TTA "
+          f"level {s['tta_level']}; wrote {out}/teacher.pt")
+
+
+def cmd_distill(args) -> None:
+    from .distill import StudentConfig, TeacherConfig, pack_run, read_students, run_distill
+    from .recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe)
+    teacher_config = TeacherConfig.from_dict(section(recipe, "teacher"))
+    config = StudentConfig.from_dict(section(recipe, "distill"))
+    students = read_students(args.students or Path("runs") / recipe["name"] / "students")
+    out = Path(args.out or Path("runs") / recipe["name"] / "distill")
+    # The test split is never looked at here (a GPU machine is sent the training batches alone).
+    s = run_distill(students, load_data(args, recipe, test=False), teacher_config, config, out, teacher=args.teacher,
+                    budget_s=args.budget_s, device=args.device or _auto_device(), progress=not args.no_progress)
+    _draw_plots(out)
+    teacher = s["teacher"]
+    print(f"teacher: val {teacher['val_accuracy']:.4f}" + (f", {teacher['val_accuracy_tta']:.4f} with TTA"
+                                                          if teacher.get("val_accuracy_tta") else "")
+          + f" ({s['teacher_seconds']:.0f} s); students: {s['epochs_per_student']:g} epochs in "
+          f"{s['student_seconds']:.0f} s, {s['student_images_per_s']:.0f} student-images/s")
+    for name, r in s["students"].items():
+        print(f"  {name}: {r['mflops']:.2f} MFLOPs, val {r['val_after_pruning']:.4f} after pruning -> "
+              f"{r['val_accuracy']:.4f} (epoch {r['best_epoch']}, {r['kept']})")
+    print(f"wrote {out}")
+    if args.pack:
+        pieces = pack_run(out, args.pack)
+        print(f"packed into {args.pack}: " + ", ".join(p.name for p in pieces))
+
+
+def cmd_pack(args) -> None:
+    from .distill import pack_run
+
+    pieces = pack_run(args.run, args.out)
+    print(f"packed {args.run} into {args.out}: " + ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)"
+                                                            for p in pieces))
+
+
+def cmd_unpack(args) -> None:
+    from .data import find_data_dir, load_split
+    from .distill import choose_by_validation, finish_students
+    from .evaluate import lab_score
+    from .files import unpack
+    from .report import write_report
+
+    test = load_split(find_data_dir(args.data, download=args.download), "test")  # before anything is written
+    unpack(args.pack, args.out)
+    summaries = finish_students(args.out, test, export=not args.no_export, device=args.device,
+                                progress=not args.no_progress)
+    for s in summaries:
+        _draw_plots(Path(args.out) / s["student"])
+        print(f"{s['student']}: {s['mflops']:.2f} MFLOPs, val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} "
+              f"({s['test_images']:,} images), lab score by validation {lab_score(s['mflops'], s['val_accuracy']):.2f} %")
+    best = choose_by_validation(summaries)
+    print(f"by validation the hand-in is {best['student']}: grade it with `mobileprune grade {args.out}/{best['student']}`")
+    print(f"report: {write_report(args.out, plots=True)}")
+
+
 def cmd_run(args) -> None:
     from .data import find_data_dir
     from .pipeline import run_pipeline
@@ -455,7 +584,9 @@ def cmd_bench(args) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
             "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover,
-            "average": cmd_average, "run": cmd_run, "package": cmd_package, "report": cmd_report}
+            "average": cmd_average, "students": cmd_students, "teacher": cmd_teacher,
+            "distill": cmd_distill, "pack": cmd_pack,
+            "unpack": cmd_unpack, "run": cmd_run, "package": cmd_package, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

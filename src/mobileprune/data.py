@@ -113,8 +113,8 @@ def find_data_dir(path: str | Path | None = None, download: bool = False) -> Pat
         for candidate in (folder, folder / "cifar-10-batches-bin", folder / "cifar-10-batches-py"):
             if _data_format(candidate):
                 return candidate
-        raise MobilepruneError(f"{folder}: holds neither {TEST_BIN} (binary CIFAR-10) nor {TEST_PICKLE} "
-                               "(python CIFAR-10)")
+        raise MobilepruneError(f"{folder}: holds neither {TEST_BIN} or {TRAIN_BIN[0]} (binary CIFAR-10) nor "
+                               f"{TEST_PICKLE} or {TRAIN_PICKLE[0]} (python CIFAR-10)")
     for candidate in (*DEFAULT_SEARCH, Path("data/cifar-10-batches-py")):
         if _data_format(candidate):
             return candidate
@@ -126,10 +126,11 @@ def find_data_dir(path: str | Path | None = None, download: bool = False) -> Pat
 
 
 def _data_format(folder: Path) -> str | None:
-    if (folder / TEST_BIN).is_file():
-        return "bin"
-    if (folder / TEST_PICKLE).is_file():
-        return "pickle"
+    """'bin' or 'pickle' by the files there: the test batch, or the first training batch (a GPU
+    machine is sent the training batches alone)."""
+    for fmt, names in (("bin", (TEST_BIN, TRAIN_BIN[0])), ("pickle", (TEST_PICKLE, TRAIN_PICKLE[0]))):
+        if any((folder / name).is_file() for name in names):
+            return fmt
     return None
 
 
@@ -174,10 +175,12 @@ class Cifar10:
 
 
 def load_cifar10(folder: Path, val_size: int = 5000, seed: int = 0, train_limit: int | None = None,
-                 test_limit: int | None = None) -> Cifar10:
+                 test_limit: int | None = None, test: bool = True) -> Cifar10:
     """Train/validation/test; the validation split is held out of the training set by ``seed``.
 
     ``train_limit``/``test_limit`` keep the first N images (after the split), for quick runs.
+    ``test=False`` leaves the test split empty (a stage that never looks at it, on a machine that
+    was sent the training batches alone).
     """
     images, labels = load_split(folder, "train")
     if not 0 <= val_size < len(labels):
@@ -186,7 +189,10 @@ def load_cifar10(folder: Path, val_size: int = 5000, seed: int = 0, train_limit:
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
-    test_images, test_labels = load_split(folder, "test")
+    if test:
+        test_images, test_labels = load_split(folder, "test")
+    else:
+        test_images, test_labels = images[:0], labels[:0]
     return Cifar10(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx],
                    test_images[:test_limit], test_labels[:test_limit])
 

@@ -91,7 +91,7 @@ class GradeResult:
 def _unpack(submission: Path, workdir: Path) -> Path:
     if not submission.exists():
         raise MobilepruneError(f"{submission}: no such file or folder")
-    if submission.is_dir():
+    if submission.is_dir() or submission.suffix == ".pth":
         return submission
     if not zipfile.is_zipfile(submission):
         raise MobilepruneError(f"{submission}: neither a folder nor a zip file")
@@ -104,11 +104,23 @@ def _unpack(submission: Path, workdir: Path) -> Path:
     return workdir
 
 
+def _model_files(submission: Path, root: Path) -> tuple[Path, Path]:
+    """The .pth to grade and the .pte beside it: a .pth given by name, or mobilenet.pth in the lab's
+    ``model/`` folder or in the folder itself (as a run's stage folder holds it)."""
+    if root.suffix == ".pth":
+        return root, root.with_suffix(".pte")
+    for folder in (root / "model", root):
+        if (folder / "mobilenet.pth").is_file():
+            return folder / "mobilenet.pth", folder / "mobilenet.pte"
+    raise MobilepruneError(f"{submission}: holds no mobilenet.pth (looked in model/ and in the folder itself)")
+
+
 def grade(submission: str | Path, data: str | Path | None = None, limit: int | None = None,
           variants: tuple[str, ...] = RESIZE_VARIANTS, trust_pickle: bool = False, device: str = "cpu",
           progress: bool = True) -> GradeResult:
-    """Grade a hand-in folder (``model/mobilenet.pth``, ``model/mobilenet.pte``, ``data/test_batch.bin``)
-    or its zip, as the lab's graders do."""
+    """Grade a hand-in as the lab's graders do: a folder in the lab's layout (``model/mobilenet.pth``,
+    ``model/mobilenet.pte``, ``data/test_batch.bin``) or its zip, a folder holding mobilenet.pth and
+    mobilenet.pte, or a .pth (with the .pte of the same name beside it, if any)."""
     from .export import PteModel
     from .models import load_pickled_model
 
@@ -116,9 +128,8 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         root = _unpack(submission, Path(tmp))
-        pth, pte = root / "model" / "mobilenet.pth", root / "model" / "mobilenet.pte"
-        if not pth.is_file():
-            raise MobilepruneError(f"{submission}: no model/mobilenet.pth")
+        pth, pte = _model_files(submission, root)
+        root = root if root.is_dir() else root.parent
         model = load_pickled_model(pth, trust_pickle=trust_pickle)  # checks it is a torchvision MobileNetV2
         mflops, params = count_mflops(model)
         test_file = root / "data" / TEST_BIN
@@ -139,7 +150,8 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
             # The runner measures the .pte; its grid is the 'runner' variant where we measured it.
             score_accuracy = pte_accuracy.get("runner", next(iter(pte_accuracy.values())))
         else:
-            notes.append("no model/mobilenet.pte: graded the .pth alone (the lab's revised rules allow it)")
+            notes.append(f"no {pte.relative_to(root).as_posix()}: graded the .pth alone (the lab's revised rules "
+                         "allow it)")
             score_accuracy = pth_accuracy.get("torchvision", next(iter(pth_accuracy.values())))
         shutil.rmtree(tmp, ignore_errors=True)
     return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy, score_accuracy,

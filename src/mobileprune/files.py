@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import MobilepruneError
+
 
 def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
     """Write ``obj`` as JSON through a temporary file, so a run killed mid-write leaves the previous
@@ -58,3 +60,86 @@ def read_csv(path: str | Path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- packing for a trip
+# What the device tool brings back from a GPU machine: at most 8 files of at most 16 MiB each.
+PIECE_BYTES = 15 * 2**20
+MAX_PIECES = 7  # and pack.json
+PACK_MANIFEST = "pack.json"
+
+
+def pack(folder: str | Path, paths: list[str], out_dir: str | Path, name: str = "results",
+         piece_bytes: int = PIECE_BYTES, max_pieces: int = MAX_PIECES) -> list[Path]:
+    """``paths`` (relative to ``folder``) as one gzipped tar cut into pieces ``name.tgz.00`` ... of at most
+    ``piece_bytes``, and ``pack.json`` with each piece's sha256, so that ``unpack`` can tell a piece lost
+    or cut short on the way from a whole one."""
+    import hashlib
+    import io
+    import tarfile
+
+    folder, out = Path(folder), Path(out_dir)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for rel in paths:
+            tar.add(folder / rel, arcname=rel)
+    blob = buffer.getvalue()
+    count = max(1, -(-len(blob) // piece_bytes))
+    if count > max_pieces:
+        raise MobilepruneError(f"{folder}: {len(blob) / 2**20:.1f} MiB packed is more than {max_pieces} pieces of "
+                               f"{piece_bytes / 2**20:.0f} MiB; pack fewer files")
+    out.mkdir(parents=True, exist_ok=True)
+    pieces = []
+    for i in range(count):
+        piece = out / f"{name}.tgz.{i:02d}"
+        piece.write_bytes(blob[i * piece_bytes:(i + 1) * piece_bytes])
+        pieces.append({"file": piece.name, "sha256": hashlib.sha256(piece.read_bytes()).hexdigest()})
+    write_json(out / PACK_MANIFEST, {"name": name, "bytes": len(blob), "pieces": pieces, "files": list(paths)})
+    return [out / p["file"] for p in pieces] + [out / PACK_MANIFEST]
+
+
+def unpack(pack_dir: str | Path, dest: str | Path) -> list[Path]:
+    """The files of a ``pack`` under ``dest`` (which must not hold anything yet), after checking every piece.
+
+    Extracted into a temporary folder beside ``dest`` and moved into place only when whole: a bad
+    piece leaves nothing half-written.
+    """
+    import hashlib
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    pack_dir, dest = Path(pack_dir), Path(dest)
+    manifest = pack_dir / PACK_MANIFEST
+    if not manifest.is_file():
+        raise MobilepruneError(f"{pack_dir}: no {PACK_MANIFEST} (not a folder written by `mobileprune pack`)")
+    try:
+        spec = json.loads(manifest.read_text())
+        pieces = [(pack_dir / p["file"], p["sha256"]) for p in spec["pieces"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise MobilepruneError(f"{manifest}: not a pack manifest ({e})") from None
+    missing = [path.name for path, _ in pieces if not path.is_file()]
+    if missing:
+        raise MobilepruneError(f"{pack_dir}: pieces missing: {', '.join(missing)} (the pack is "
+                               f"{', '.join(p.name for p, _ in pieces)})")
+    blob = b""
+    for path, digest in pieces:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MobilepruneError(f"{path}: damaged (its sha256 is not the one {PACK_MANIFEST} records)")
+        blob += data
+    if dest.exists() and any(dest.iterdir()):
+        raise MobilepruneError(f"{dest}: not empty; unpack into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # no absolute paths, links or '..' out of tmp
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MobilepruneError(f"{pack_dir}: the pack does not unpack into {dest} ({e})") from None
+    return sorted(p for p in dest.rglob("*") if p.is_file())

@@ -1,7 +1,8 @@
 """Recipes are data: TOML files under ``recipes/`` with one table per stage.
 
 ``[data]`` (val_size, seed, train_limit, test_limit), ``[baseline]`` (a TrainConfig),
-``[finegrained]``, ``[prune]`` and ``[recover]`` (see those modules). A name is looked up in ``./recipes`` and in
+``[finegrained]``, ``[prune]``, ``[recover]`` and ``[students]`` (see those modules), ``[teacher]``
+and ``[distill]`` (see ``distill``). A name is looked up in ``./recipes`` and in
 the project's own ``recipes/``; a path to a ``.toml`` file works too.
 """
 from __future__ import annotations
@@ -45,12 +46,13 @@ def check_recipe(recipe: dict) -> None:
     run (or on a lent GPU, whose minutes are counted)."""
     import inspect
 
-    from .channel import PruneStepConfig, RecoveryConfig, ScheduleConfig, make_importance
+    from .channel import PruneStepConfig, RecoveryConfig, ScheduleConfig, StudentsConfig, make_importance
     from .data import load_cifar10, resize_matrix
+    from .distill import StudentConfig, TeacherConfig
     from .finegrained import parse_settings
     from .train import TrainConfig
 
-    known_data = set(inspect.signature(load_cifar10).parameters) - {"folder"}
+    known_data = set(inspect.signature(load_cifar10).parameters) - {"folder", "test"}
     if set(recipe.get("data", {})) - known_data:
         raise MobilepruneError(f"unknown [data] settings {sorted(set(recipe['data']) - known_data)}; "
                                f"known: {sorted(known_data)}")
@@ -65,6 +67,12 @@ def check_recipe(recipe: dict) -> None:
         trainings += [TrainConfig.from_dict(t) for t in (schedule.finetune, schedule.recovery) if t]
     if "recover" in recipe:
         trainings.append(TrainConfig.from_dict(RecoveryConfig.from_dict(dict(recipe["recover"])).train))
+    if "students" in recipe:
+        make_importance(PruneStepConfig.from_dict(StudentsConfig.from_dict(dict(recipe["students"])).prune).importance)
+    if "teacher" in recipe:
+        TeacherConfig.from_dict(dict(recipe["teacher"]))
+    if "distill" in recipe:
+        StudentConfig.from_dict(dict(recipe["distill"]))
     for config in trainings:
         variants = config.resize_variants
         for variant in [variants] if isinstance(variants, str) else variants:

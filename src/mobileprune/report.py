@@ -124,6 +124,24 @@ def plot_channels(rows: list[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val: float | None = None) -> Path:
+    """Validation accuracy of each student against the seconds spent (a distill run's history.csv files)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in histories.items():
+        line, = ax.plot([r["spent"] for r in rows], [r["val_accuracy"] for r in rows], "o-", ms=2, label=name)
+        if any(r.get("val_ema") is not None for r in rows):
+            ax.plot([r["spent"] for r in rows], [r["val_ema"] for r in rows], ":", color=line.get_color(),
+                    label=f"{name} (EMA)")
+    if teacher_val is not None:
+        ax.axhline(teacher_val, color="black", ls="--", lw=0.8, label=f"teacher {teacher_val:.4f}")
+    ax.axhline(0.92, color="grey", ls=":", lw=0.8, label="lab bar 92 %")
+    ax.set_xlabel("seconds of the students' budget spent")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Students distilled together")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line: float = 0.92) -> Path:
     """Validation accuracy after fine-tuning against MFLOPs, one line per channel-pruning run."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -147,7 +165,7 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # relative_size_after, the baseline best_epoch, `mobileprune recover` val_before, `mobileprune
 # average` val_by_fraction. A hand-in grade is grade.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
-              "recover": "val_before", "average": "val_by_fraction"}
+              "recover": "val_before", "average": "val_by_fraction", "distill": "students"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
@@ -206,6 +224,13 @@ def draw_plots(stage: str | Path) -> list[Path]:
             written.append(plot_channels(read_csv(stage / "channels.csv"), stage / "channels.png"))
     if "average" in kinds:
         written.append(plot_average(summary["val_by_fraction"], summary["fraction"], stage / "average.png"))
+    if "distill" in kinds:
+        histories = {name: read_csv(stage / name / "history.csv") for name in summary["students"]
+                     if (stage / name / "history.csv").is_file()}
+        teacher = _read_json(stage / "teacher" / "summary.json") or {}
+        if histories:
+            written.append(plot_distill(histories, stage / "distill.png", teacher.get("val_accuracy_tta")
+                                        or teacher.get("val_accuracy")))
     if "finegrained" in kinds:
         plots = stage / "plots"
         sparsity, scan = _read_json(stage / "sparsity.json"), _read_json(stage / "sensitivity.json")
@@ -249,7 +274,7 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
                      "global": "yes" if p.get("global_pruning") else "no",
                      "resolution weighting": p.get("resolution_weighting", 0), "round_to": p.get("round_to") or 1,
                      "KD": "yes" if s.get("distill") else "no", "validation": s["val_accuracy"],
-                     "test": s["test_accuracy"], "test images": s.get("test_images")})
+                     "test": s.get("test_accuracy"), "test images": s.get("test_images")})
     return rows
 
 
@@ -269,6 +294,8 @@ def recover_row(stage: Path, root: Path) -> dict:
             "test": s["test_accuracy"], "test images": s["test_images"]}
 
 
+DISTILL_COLUMNS = {"student": "", "target": "g", "MFLOPs": ".2f", "validation after pruning": ".4f",
+                   "validation": ".4f", "best epoch": "", "kept": ""}
 AVERAGE_COLUMNS = {"run": "", "first": "", "second": "", "MFLOPs": ".2f", "validation first": ".4f",
                    "validation second": ".4f", "fraction kept": "g", "validation": ".4f", "test": ".4f",
                    "test images": ""}
@@ -293,7 +320,7 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
         raise MobilepruneError(f"{root}: no such folder")
     stages = find_stages(root)
     if plots:
-        for stage in sorted({stage for kind in ("finegrained", "prune", "recover", "average") for stage in stages[kind]}):
+        for stage in sorted({stage for kind, found in stages.items() if kind != "grade" for stage in found}):
             draw_plots(stage)
     lines = [f"# mobileprune report: `{root}`", "",
              f"Written by `mobileprune report {root}` from the summaries, tables and channel layouts the stages "
@@ -342,6 +369,23 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                   "A pruned model trained further with its channels unchanged; the model kept is the better of the "
                   "start and the best trained epoch on validation.", "",
                   markdown_table([recover_row(stage, root) for stage in stages["recover"]], RECOVER_COLUMNS), ""]
+
+    for stage in stages["distill"]:
+        s = _read_json(stage / "summary.json")
+        rel = _label(stage, root)
+        teacher = s.get("teacher", {})
+        lines += [f"## Distillation: a 32-px teacher and {len(s['students'])} students (`{rel}`)", "",
+                  f"Budget {s.get('budget_s', 0):.0f} s on `{s.get('device')}`: teacher "
+                  f"{s.get('teacher_seconds', 0):.0f} s (validation {_fmt(teacher.get('val_accuracy'))}, "
+                  f"{_fmt(teacher.get('val_accuracy_tta'))} with test-time augmentation), students "
+                  f"{s.get('student_seconds', 0):.0f} s together ({s.get('epochs_per_student', 0):g} epochs each, "
+                  f"{s.get('student_images_per_s', 0):,.0f} student-images/s).", "",
+                  markdown_table([{"student": f"`{name}`", "target": r["target_mflops"], "MFLOPs": r["mflops"],
+                                   "validation after pruning": r["val_after_pruning"], "validation": r["val_accuracy"],
+                                   "best epoch": r["best_epoch"], "kept": r["kept"]}
+                                  for name, r in s["students"].items()], DISTILL_COLUMNS), ""]
+        if (stage / "distill.png").is_file():
+            lines += [f"![validation of the students]({rel}/distill.png)", ""]
 
     if stages["average"]:
         lines += ["## Part 2: weight averaging (`mobileprune average`)", "",

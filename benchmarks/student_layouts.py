@@ -1,0 +1,88 @@
+"""Which channel layout suits a student fed an upsampled 32-px image? Compared on validation after a short KD run.
+
+Each variant prunes the dense baseline in one step to the same MFLOPs target (per-layer L2 at
+resolution weightings 0, 0.5 and 1 -- the 112- and 56-px blocks pruned harder --, global L2,
+Taylor), BatchNorm re-estimated; then all variants are distilled together on the same batches
+from the same teacher (``distill.train_students``) and validated on the same images:
+
+    python benchmarks/student_layouts.py --baseline release/h100/baseline/mobilenet.pt --target 20 \
+        --teacher runs/distill-cpu/teacher/teacher.pt --train-images 2000 --epochs 2 --val-images 1000 \
+        --out runs/layouts
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from mobileprune.channel import StudentsConfig, prepare_students, student_name
+from mobileprune.data import find_data_dir, load_cifar10, train_window
+from mobileprune.distill import StudentConfig, read_students, train_students
+from mobileprune.errors import exit_code
+from mobileprune.files import write_json
+from mobileprune.models import load_model, load_teacher
+from mobileprune.recipes import load_recipe, section
+from mobileprune.report import markdown_table
+
+# One change each against per-layer L2 at a uniform ratio.
+VARIANTS = {
+    "l2": {},
+    "l2-rw0.5": {"resolution_weighting": 0.5},
+    "l2-rw1": {"resolution_weighting": 1.0},
+    "l2-global": {"global_pruning": True},
+    "taylor": {"importance": "taylor"},
+}
+COLUMNS = {"variant": "", "MFLOPs": ".2f", "params": ",", "val after pruning": ".4f", "val after KD": ".4f",
+           "best epoch": ""}
+
+
+def run(args) -> None:
+    recipe = load_recipe(args.recipe)
+    baseline, teacher = load_model(args.baseline), load_teacher(args.teacher)
+    data = load_cifar10(find_data_dir(args.data), **recipe.get("data", {}), test=False)
+    data = replace(data, val_images=data.val_images[:args.val_images], val_labels=data.val_labels[:args.val_images])
+    students = {}
+    for name in args.variants:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        config = StudentsConfig(targets=[args.target], prune={"importance": "l2", **VARIANTS[name]},
+                                val_images=args.val_images)
+        prepare_students(baseline, data, config, args.out / name, device=args.device, progress=False)
+        model, record = read_students(args.out / name)[student_name(args.target)]
+        students[name] = (model, record)
+        print(f"{name}: {record['mflops']:.2f} MFLOPs, val {record['val_accuracy']:.4f} after pruning", flush=True)
+    config = replace(StudentConfig.from_dict(section(recipe, "distill")), max_epochs=args.epochs)
+    stage = train_students(students, teacher, train_window(data, 0, args.train_images), config, args.out / "kd",
+                           seconds=1e9, device=args.device, progress=False)
+    rows = [{"variant": name, "MFLOPs": students[name][1]["mflops"], "params": students[name][1]["params"],
+             "val after pruning": r["val_after_pruning"], "val after KD": r["val_accuracy"],
+             "best epoch": r["best_epoch"]} for name, r in stage["students"].items()]
+    table = markdown_table(sorted(rows, key=lambda r: -r["val after KD"]), COLUMNS)
+    print(table)
+    write_json(args.out / "layouts.json", {"target": args.target, "train_images": args.train_images,
+                                           "epochs": args.epochs, "val_images": args.val_images,
+                                           "student_images_per_s": stage["student_images_per_s"], "rows": rows})
+    (args.out / "layouts.md").write_text(table + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--recipe", default="distill-cpu", help="[data] and [distill] (default: distill-cpu)")
+    parser.add_argument("--baseline", required=True, help="the dense model to prune")
+    parser.add_argument("--teacher", required=True, help="teacher.pt (mobileprune teacher)")
+    parser.add_argument("--target", type=float, default=20.0, help="MFLOPs of every variant (default 20)")
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--val-images", type=int, default=1000)
+    parser.add_argument("--data")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/layouts"))
+    args = parser.parse_args(argv)
+    return exit_code("student_layouts", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Distillation from a 32-px teacher, several students at once on a wall-clock budget: every path on the CPU.
+
+A GPU lease has no time to debug: what the device will run (`mobileprune students`, `distill
+--pack`, then `unpack`, `grade`, `report` here) runs here first on tiny data, in seconds.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_cifar_dir, tp_pruned_model
+from mobileprune import distill
+from mobileprune.cli import main
+from mobileprune.data import load_cifar10
+from mobileprune.errors import MobilepruneError
+from mobileprune.files import pack, read_csv, unpack
+from mobileprune.models import TeacherNet, load_teacher, save_teacher
+
+TINY_TEACHER = dict(widths=[8, 16, 16], depth=3, epochs=2, batch_size=40, eval_batch_size=50, lookahead=True)
+TINY_STUDENTS = dict(budget_s=600, reserve_s=0, max_epochs=2, batch_size=20, lr=0.01, warmup=0.1, resolution=32,
+                     eval_batch_size=50, ema_decay=0.9)
+
+
+class FakeClock:
+    """Seconds that pass only when told: a wall-clock schedule, tested without waiting."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_distill_budget_by_steps_seconds_or_whichever_ends_first():
+    clock = FakeClock()
+    budget = distill.Budget(steps=100, seconds=60, clock=clock)
+    assert budget.progress(50) == 0.5
+    clock.now += 45
+    assert budget.progress(50) == 0.75  # time runs ahead of steps
+    clock.now += 30
+    assert budget.progress(0) == 1.0 and budget.spent() == pytest.approx(75)
+    resumed = distill.Budget(seconds=60, spent=30, clock=clock)  # a resumed run carries its seconds
+    assert resumed.progress(0) == 0.5
+    with pytest.raises(ValueError):
+        distill.Budget()
+
+
+def test_distill_lr_warms_up_then_falls_to_its_floor_when_the_budget_ends():
+    factors = [distill.lr_factor(p, warmup=0.1, start=0.2, floor=0.05) for p in (0, 0.05, 0.1, 0.55, 1.0)]
+    assert factors == pytest.approx([0.2, 0.6, 1.0, 0.525, 0.05])
+
+
+def test_distill_teacher_saves_in_bf16_and_loads_back(tmp_path):
+    teacher = TeacherNet([8, 16, 16], depth=3)
+    teacher.init_whitening(torch.randn(8, 3, 32, 32))
+    path = save_teacher(teacher, tmp_path / "teacher.pt")
+    blob = torch.load(path, weights_only=True)
+    assert blob["widths"] == [8, 16, 16] and all(v.dtype == torch.bfloat16 for v in blob["state"].values()
+                                                 if v.is_floating_point())
+    loaded = load_teacher(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), teacher.eval()(x), atol=0.05)  # bf16 weights, float32 compute
+    # The 2x2 whitening filters decorrelate the patches of the images they were set from.
+    images = torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    teacher.init_whitening(images)
+    out = torch.nn.functional.conv2d(images, teacher.whiten.weight[:12]).permute(1, 0, 2, 3).reshape(12, -1)
+    assert torch.allclose(out @ out.T / out.shape[1], torch.eye(12), atol=0.05)
+    for bad, message in ((tmp_path / "nosuch.pt", "no such file"), (tmp_path / "junk.pt", "not a torch.save file")):
+        if "junk" in bad.name:
+            bad.write_bytes(b"junk")
+        with pytest.raises(MobilepruneError, match=message):
+            load_teacher(bad)
+    torch.save({"state": {}}, tmp_path / "other.pt")
+    with pytest.raises(MobilepruneError, match="not a mobileprune teacher"):
+        load_teacher(tmp_path / "other.pt")
+
+
+def test_distill_teacher_trains_and_resumes_where_it_stopped(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=24, test=8), val_size=20)
+    config = distill.TeacherConfig.from_dict({**TINY_TEACHER, "epochs": 1})
+    _, first = distill.train_teacher(data, config, tmp_path / "t", progress=False)
+    assert first["steps"] == 2 and 0 <= first["val_accuracy"] <= 1 and first["val_accuracy_tta"] is not None
+    # As if the run had been cut after epoch 1 of 2: the finished files go, last.pt stays.
+    (tmp_path / "t" / "teacher.pt").unlink()
+    (tmp_path / "t" / "summary.json").unlink()
+    _, second = distill.train_teacher(data, distill.TeacherConfig.from_dict(TINY_TEACHER), tmp_path / "t",
+                                      progress=False)
+    history = read_csv(tmp_path / "t" / "history.csv")
+    assert second["steps"] == 4 and second["epochs"] == 2
+    assert [r["step"] for r in history] == [2, 4]  # epoch 1 kept from the first run, epoch 2 added
+
+
+def _students(n: int = 2) -> dict:
+    return {f"student-{i}": (tp_pruned_model(ratio=0.5 + 0.1 * i, seed=i), {"target_mflops": 100 - i, "mflops": 99.0,
+                                                                            "params": 1, "val_accuracy": 0.1})
+            for i in range(n)}
+
+
+def test_distill_students_train_together_keep_their_best_and_resume_bit_for_bit(tmp_path, monkeypatch):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    assert len(data.test_labels) == 0  # a distill run never looks at the test split
+    teacher = TeacherNet([8, 16, 16], depth=2)
+    config = distill.StudentConfig.from_dict(TINY_STUDENTS)
+    whole = distill.train_students(_students(), teacher, data, config, tmp_path / "a", 600, progress=False,
+                                   clock=FakeClock())
+    assert whole["epochs"] == 2 and whole["epochs_per_student"] == 2 and set(whole["students"]) == set(_students())
+    for name, row in whole["students"].items():
+        summary = json.loads((tmp_path / "a" / name / "summary.json").read_text())
+        history = (tmp_path / "a" / name / "history.csv").read_text().splitlines()
+        assert len(history) == 3 and summary["val_accuracy"] == row["val_accuracy"]
+        assert summary["kept"] in ("model", "ema") and summary["test_accuracy"] is None
+        assert (tmp_path / "a" / name / "mobilenet.pt").is_file()
+
+    # Killed during epoch 2 (after epoch 1's checkpoint), then run again: the same weights as unbroken.
+    keep = distill._validate_and_keep
+
+    def dies_in_epoch_two(student, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return keep(student, epoch, *args)
+
+    monkeypatch.setattr(distill, "_validate_and_keep", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_students(_students(), teacher, data, config, tmp_path / "b", 600, progress=False,
+                               clock=FakeClock())
+    monkeypatch.setattr(distill, "_validate_and_keep", keep)
+    resumed = distill.train_students(_students(), teacher, data, config, tmp_path / "b", 600, progress=False,
+                                     clock=FakeClock())
+    assert resumed["students"] == whole["students"]
+    for name in whole["students"]:
+        a = torch.load(tmp_path / "a" / name / "mobilenet.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / name / "mobilenet.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # A resume with other students is refused by name.
+    with pytest.raises(MobilepruneError, match="a run of students"):
+        distill.train_students(_students(3), teacher, data, config, tmp_path / "b", 600, progress=False)
+
+
+def test_distill_stops_when_its_seconds_are_spent(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    clock = FakeClock()
+    teacher = TeacherNet([8, 16, 16], depth=2)
+    original = teacher.forward
+
+    def slow_forward(x):  # each batch takes 10 "seconds"
+        clock.now += 10
+        return original(x)
+
+    teacher.forward = slow_forward
+    config = distill.StudentConfig.from_dict({**TINY_STUDENTS, "max_epochs": 0})
+    stage = distill.train_students(_students(1), teacher, data, config, tmp_path / "s", 35, progress=False,
+                                   clock=clock)
+    assert stage["steps"] == 4 and stage["epochs"] == 2  # 4 batches of 10 s in 35 s; epochs of 2 batches
+
+
+def test_pack_and_unpack_check_every_piece_and_leave_nothing_half_written(tmp_path):
+    run = tmp_path / "run"
+    (run / "teacher").mkdir(parents=True)
+    (run / "teacher" / "teacher.pt").write_bytes(torch.randint(0, 256, (300_000,), dtype=torch.uint8).numpy().tobytes())
+    (run / "summary.json").write_text("{}")
+    pieces = pack(run, ["teacher/teacher.pt", "summary.json"], tmp_path / "pack", piece_bytes=100_000)
+    assert [p.name for p in pieces][-1] == "pack.json" and len(pieces) >= 3
+    files = unpack(tmp_path / "pack", tmp_path / "back")
+    assert {p.relative_to(tmp_path / "back").as_posix() for p in files} == {"teacher/teacher.pt", "summary.json"}
+    assert (tmp_path / "back" / "teacher" / "teacher.pt").read_bytes() == (run / "teacher" / "teacher.pt").read_bytes()
+    with pytest.raises(MobilepruneError, match="not empty"):
+        unpack(tmp_path / "pack", tmp_path / "back")
+    whole = pieces[0].read_bytes()
+    pieces[0].write_bytes(whole[:-10])
+    with pytest.raises(MobilepruneError, match="results.tgz.00: damaged"):
+        unpack(tmp_path / "pack", tmp_path / "again")
+    pieces[0].write_bytes(whole)
+    pieces[1].unlink()
+    with pytest.raises(MobilepruneError, match="pieces missing: results.tgz.01"):
+        unpack(tmp_path / "pack", tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
+    with pytest.raises(MobilepruneError, match="more than 2 pieces"):
+        pack(run, ["teacher/teacher.pt"], tmp_path / "small", piece_bytes=1000, max_pieces=2)
+
+
+RECIPE = """description = "tiny distillation"
+[data]
+val_size = 20
+[students]
+targets = [150, 100]
+bn_recalibration_images = 20
+[teacher]
+widths = [8, 16, 16]
+depth = 2
+epochs = 1
+batch_size = 40
+eval_batch_size = 50
+tta_level = 1
+[distill]
+budget_s = 600
+reserve_s = 0
+max_epochs = 1
+batch_size = 20
+lr = 0.01
+resolution = 32
+eval_batch_size = 50
+"""
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_path, capsys):
+    from mobileprune.models import build_mobilenet_v2, save_pickled_model
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=16, test=10)
+    (tmp_path / "tiny.toml").write_text(RECIPE)
+    save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
+    common = ["--recipe", str(tmp_path / "tiny.toml"), "--data", str(folder), "--device", "cpu"]
+    assert main(["--no-progress", "students", "--baseline", str(tmp_path / "dense.pth"), "--out",
+                 str(tmp_path / "students"), *common]) == 0
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "students").glob("*/student.json")}
+    assert set(records) == {"student-150", "student-100"}
+    assert all(r["target_mflops"] - 0.5 <= r["mflops"] <= r["target_mflops"] for r in records.values())
+
+    # What the GPU machine runs: the teacher, both students, then the pack for the trip back.
+    assert main(["--no-progress", "distill", "--students", str(tmp_path / "students"), "--out", str(tmp_path / "run"),
+                 "--pack", str(tmp_path / "pack"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: val" in out and "student-100" in out and "packed into" in out
+    pieces = sorted((tmp_path / "pack").iterdir())
+    assert len(pieces) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in pieces)
+    assert (tmp_path / "run" / "distill.png").stat().st_size > 1000
+    stage = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stage["teacher"]["val_accuracy"] is not None and set(stage["students"]) == set(records)
+
+    # Here again: unpack, .pth and .pte rebuilt, test accuracy measured, the hand-in chosen on validation.
+    assert main(["--no-progress", "unpack", str(tmp_path / "pack"), "--out", str(tmp_path / "back"), "--data",
+                 str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "by validation the hand-in is student-" in out
+    student = tmp_path / "back" / "student-100"
+    summary = json.loads((student / "summary.json").read_text())
+    assert summary["test_images"] == 10 and 0 <= summary["test_accuracy"] <= 1
+    assert {"mobilenet.pth", "mobilenet.pte", "channels.csv", "channels.png"} <= {p.name for p in student.iterdir()}
+    assert main(["--no-progress", "grade", str(student), "--data", str(folder), "--json"]) == 0
+    graded = json.loads(capsys.readouterr().out)
+    assert graded["mflops"] == pytest.approx(summary["mflops"]) and graded["pte_accuracy"] is not None
+    report = (tmp_path / "back" / "REPORT.md").read_text()
+    assert "## Distillation: a 32-px teacher and 2 students" in report and "`student-100`" in report
+
+    # A second distill into the same folder is done already; other students there are refused.
+    assert main(["--no-progress", "distill", "--students", str(tmp_path / "students"), "--out", str(tmp_path / "run"),
+                 *common]) == 0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_distill.sh"
+GPU_DATA_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gpu_data.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_distill_gpu_script_sets_up_from_carried_parts_runs_and_packs(tmp_path):
+    """benchmarks/gpu_distill.sh as the lease's call C runs it, on tiny data on the CPU."""
+    if not GPU_DATA_TOOL.is_file():
+        pytest.skip(f"{GPU_DATA_TOOL} not found (../shared/tools)")
+    from mobileprune.models import build_mobilenet_v2, save_pickled_model
+
+    source = make_cifar_dir(tmp_path / "src", per_batch=16, test=10)
+    subprocess.run([sys.executable, str(GPU_DATA_TOOL), "pack", str(source), str(tmp_path / "parts")], check=True,
+                   capture_output=True)
+    shutil.rmtree(tmp_path / "parts" / "test")  # the lease carries the training batches alone
+    (tmp_path / "tiny.toml").write_text(RECIPE)
+    save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
+    data = tmp_path / "data" / "cifar-10-batches-bin"
+    env = {**os.environ, "GPU_DATA": str(tmp_path / "parts"), "WHEELS": str(tmp_path / "no-wheels"),
+           "DATA_DIR": str(data), "RECIPE": str(tmp_path / "tiny.toml"), "STUDENTS": str(tmp_path / "students"),
+           "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    setup = subprocess.run(["bash", str(SCRIPT), "setup"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert sorted(p.name for p in data.iterdir()) == [f"data_batch_{i}.bin" for i in range(1, 6)]
+    assert main(["--no-progress", "students", "--baseline", str(tmp_path / "dense.pth"), "--recipe",
+                 str(tmp_path / "tiny.toml"), "--data", str(source), "--out", str(tmp_path / "students")]) == 0
+    (tmp_path / "out").mkdir()
+    run = subprocess.run(["bash", str(SCRIPT), "run", "300"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Traceback" not in (tmp_path / "run" / "distill.log").read_text()
+    back = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert back[-1] == "pack.json" and len(back) <= 8
+    names = {p.relative_to(tmp_path / "back").as_posix() for p in unpack(tmp_path / "out", tmp_path / "back")}
+    assert {"teacher/teacher.pt", "student-100/mobilenet.pt", "student-150/history.csv", "summary.json", "last.pt",
+            "distill.log"} <= names
+    assert not any(name.startswith("teacher/last") for name in names)  # the teacher's optimiser stays there
