@@ -6,8 +6,8 @@ per-layer sparsity dict, and/or channel pruning to MFLOPs targets, one step each
 validation accuracy with the dense statistics and after ``recalibrate_batchnorm`` on the first N
 training images for each N asked. No training happens anywhere. On 2 CPU cores at 224 px:
 
-    python benchmarks/bn_recalibration.py --baseline release/h100/baseline/mobilenet.pt \\
-        --sparsity-json release/h100/finegrained-20/sparsity.json --mflops 160 45
+    python benchmarks/bn_recalibration.py --baseline release/baseline/mobilenet.pt \\
+        --sparsity-json 4ac0345:release/h100/finegrained-20/sparsity.json --mflops 160 45
 """
 from __future__ import annotations
 

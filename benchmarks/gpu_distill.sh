@@ -7,7 +7,7 @@
 #   benchmarks/gpu_distill.sh setup           unpack $GPU_DATA/b1..b5 into $DATA_DIR, install $WHEELS/*.whl
 #   benchmarks/gpu_distill.sh run SECONDS     `mobileprune distill --budget-s SECONDS`, then pack into $OUT
 #
-# Settings (environment): RECIPE (distill), STUDENTS (release/students), RUN (runs/distill),
+# Settings (environment): RECIPE (distill), STUDENTS (.gpu-students, carried), RUN (runs/distill),
 # DATA_DIR (data/cifar-10-batches-bin), GPU_DATA (.gpu-data), WHEELS (.whl), TEACHER (a teacher.pt
 # to load instead of training one). tests/test_distill.py runs both on tiny data on the CPU.
 set -uo pipefail
@@ -37,7 +37,7 @@ case "${1:-}" in
         # The command ends itself inside its budget; the timeout only guards against a hang. Then,
         # whatever happened, what is finished is packed: the machine goes back after the reply.
         timeout $((seconds + 120)) python3 -m mobileprune --no-progress distill --recipe "${RECIPE:-distill}" \
-            --students "${STUDENTS:-release/students}" --out "$RUN" --budget-s "$seconds" --data "$DATA_DIR" \
+            --students "${STUDENTS:-.gpu-students}" --out "$RUN" --budget-s "$seconds" --data "$DATA_DIR" \
             ${TEACHER:+--teacher "$TEACHER"} >>"$RUN/distill.log" 2>&1
         status=$?
         tail -n 25 "$RUN/distill.log"

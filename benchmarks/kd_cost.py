@@ -4,7 +4,7 @@ The teacher (the dense model) runs a forward pass on every training batch, so a 
 slower by about the teacher's FLOPs over the student's forward and backward. This measures it on one
 machine, where epochs timed in different runs may come from different machines:
 
-    python benchmarks/kd_cost.py --teacher release/h100/baseline/mobilenet.pt release/h100/prune-schedule/mobilenet.pt
+    python benchmarks/kd_cost.py --teacher release/baseline/mobilenet.pt 4ac0345:release/h100/prune-schedule/mobilenet.pt
 """
 from __future__ import annotations
 

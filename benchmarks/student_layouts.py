@@ -1,11 +1,11 @@
 """Which channel layout suits a student fed an upsampled 32-px image? Compared on validation after a short KD run.
 
 Each variant prunes the dense baseline in one step to the same MFLOPs target (per-layer L2 at
-resolution weightings 0, 0.5 and 1 -- the 112- and 56-px blocks pruned harder --, global L2,
-Taylor), BatchNorm re-estimated; then all variants are distilled together on the same batches
-from the same teacher (``distill.train_students``) and validated on the same images:
+resolution weightings 0, 0.5 and -0.5, global L2, Taylor), BatchNorm re-estimated; then all
+variants that reach the target are distilled together on the same batches from the same teacher
+(``distill.train_students``) and validated on the same images:
 
-    python benchmarks/student_layouts.py --baseline release/h100/baseline/mobilenet.pt --target 20 \
+    python benchmarks/student_layouts.py --baseline release/baseline/mobilenet.pt --target 20 \
         --teacher runs/distill-cpu/teacher/teacher.pt --train-images 2000 --epochs 2 --val-images 1000 \
         --out runs/layouts
 """
@@ -18,17 +18,19 @@ from dataclasses import replace
 from mobileprune.channel import StudentsConfig, prepare_students, student_name
 from mobileprune.data import find_data_dir, load_cifar10, train_window
 from mobileprune.distill import StudentConfig, read_students, train_students
-from mobileprune.errors import exit_code
+from mobileprune.errors import MobilepruneError, exit_code
 from mobileprune.files import write_json
 from mobileprune.models import load_model, load_teacher
 from mobileprune.recipes import load_recipe, section
 from mobileprune.report import markdown_table
 
-# One change each against per-layer L2 at a uniform ratio.
+# One change each against per-layer L2 at a uniform ratio. Resolution weighting w scales a block's
+# ratio by (resolution / 14) ** w: w > 0 prunes the 112- and 56-px blocks harder, w < 0 spares them
+# (their upsampled input is smooth, but they are also the most sensitive layers in Part 1's scan).
 VARIANTS = {
     "l2": {},
     "l2-rw0.5": {"resolution_weighting": 0.5},
-    "l2-rw1": {"resolution_weighting": 1.0},
+    "l2-rw-0.5": {"resolution_weighting": -0.5},
     "l2-global": {"global_pruning": True},
     "taylor": {"importance": "taylor"},
 }
@@ -41,13 +43,18 @@ def run(args) -> None:
     baseline, teacher = load_model(args.baseline), load_teacher(args.teacher)
     data = load_cifar10(find_data_dir(args.data), **recipe.get("data", {}), test=False)
     data = replace(data, val_images=data.val_images[:args.val_images], val_labels=data.val_labels[:args.val_images])
-    students = {}
+    students, unreachable = {}, {}
     for name in args.variants:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         config = StudentsConfig(targets=[args.target], prune={"importance": "l2", **VARIANTS[name]},
                                 val_images=args.val_images)
-        prepare_students(baseline, data, config, args.out / name, device=args.device, progress=False)
+        try:
+            prepare_students(baseline, data, config, args.out / name, device=args.device, progress=False)
+        except MobilepruneError as e:  # a layout that cannot reach the target is a finding, not a stop
+            print(f"{name}: {e}", flush=True)
+            unreachable[name] = str(e)
+            continue
         model, record = read_students(args.out / name)[student_name(args.target)]
         students[name] = (model, record)
         print(f"{name}: {record['mflops']:.2f} MFLOPs, val {record['val_accuracy']:.4f} after pruning", flush=True)
@@ -61,7 +68,8 @@ def run(args) -> None:
     print(table)
     write_json(args.out / "layouts.json", {"target": args.target, "train_images": args.train_images,
                                            "epochs": args.epochs, "val_images": args.val_images,
-                                           "student_images_per_s": stage["student_images_per_s"], "rows": rows})
+                                           "student_images_per_s": stage["student_images_per_s"], "rows": rows,
+                                           "unreachable": unreachable})
     (args.out / "layouts.md").write_text(table + "\n")
 
 

@@ -59,7 +59,7 @@ def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     (release / "run" / "prune" / "schedule.png").unlink()
     assert main(["report", str(release)]) == 0
     assert (release / "run" / "prune" / "schedule.png").stat().st_size > 1000
-    assert (release / "accuracy_vs_mflops.png").stat().st_size > 1000
+    assert (release / "schedules.png").stat().st_size > 1000
     text = (release / "REPORT.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `run/prune` |"))
     assert f"| {graded['mflops']:.2f} |" in row and "| l2 | no | 0 | 1 | yes |" in row
@@ -140,8 +140,11 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["distill"] is False and summary["images"] == 8 and summary["skip_images"] == 3
     assert summary["lr"] == 0.002 and summary["epochs"] == 1
-    assert main(args + ["--out", str(tmp_path / "c"), "--no-distill", "--skip-images", "-1"]) == 2
-    assert "skip_images must be 0 (off) or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # refused by the argument's type, before anything loads
+        main(args + ["--out", str(tmp_path / "c"), "--no-distill", "--skip-images", "-1"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "--skip-images: expected a whole number, 0 or more (got -1)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "c").exists()
     (tmp_path / "cut.pt").write_bytes((tmp_path / "pruned.pt").read_bytes()[:1000])
     (tmp_path / "cut.layout.json").write_text((tmp_path / "pruned.layout.json").read_text())
     assert main(args[:2] + [str(tmp_path / "cut.pt")] + args[3:] + ["--no-distill"]) == 2

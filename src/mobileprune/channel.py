@@ -208,6 +208,15 @@ def prune_to_mflops(model: nn.Module, target_mflops: float, config: PruneStepCon
     return best
 
 
+def check_target_below(baseline: nn.Module, target_mflops: float) -> float:
+    """The baseline's MFLOPs, once the target is below them (else an error that names the target)."""
+    baseline_mflops = count_mflops(baseline.cpu().eval())[0]
+    if not 0 < target_mflops < baseline_mflops:
+        raise MobilepruneError(f"target {target_mflops:g} MFLOPs is not below the baseline's {baseline_mflops:.2f} "
+                               "MFLOPs" if target_mflops > 0 else f"target {target_mflops:g} MFLOPs must be positive")
+    return baseline_mflops
+
+
 def step_targets(start: float, target: float, steps: int) -> list[float]:
     """Geometric MFLOPs budgets from ``start`` down to exactly ``target`` in ``steps`` steps."""
     return [start * (target / start) ** ((k + 1) / steps) for k in range(steps)][:-1] + [target]
@@ -257,15 +266,34 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
     Resumable: a finished step leaves ``step_K/done.json`` and is skipped on the next run; an
     interrupted fine-tune continues from its ``last.pt``.
     """
-    from .evaluate import accuracy
-    from .models import load_state_with_layout, save_state_with_layout
-    from .train import TrainConfig, evaluate_stream, recalibrate_batchnorm, train
+    from .train import TrainConfig
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prune_config = PruneStepConfig.from_dict(config.prune)
     finetune = TrainConfig.from_dict(config.finetune)
     recovery = TrainConfig.from_dict(config.recovery) if config.recovery else None
+    make_importance(prune_config.importance)
+    check_target_below(baseline, config.target_mflops)  # before anything is written
+    created = not out.exists()
+    try:
+        return _run_schedule(baseline, data, config, out, prune_config, finetune, recovery, device, progress)
+    except MobilepruneError:
+        # A schedule refused before it pruned anything (an unreachable target, say) leaves no folder
+        # behind; one interrupted later keeps what it has, to resume from.
+        if created and out.is_dir() and not list(out.glob("step_*/pruned.pt")):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out: Path, prune_config: PruneStepConfig,
+                  finetune, recovery, device: str, progress: bool) -> dict:
+    from .evaluate import accuracy
+    from .models import load_state_with_layout, save_state_with_layout
+    from .train import evaluate_stream, recalibrate_batchnorm, train
+
+    out.mkdir(parents=True, exist_ok=True)
     teacher = copy.deepcopy(baseline).eval() if config.distill else None
     if not config.distill:  # no teacher: the recipe's kd_alpha weights a term that is not there
         for train_config in (finetune, recovery):
@@ -291,6 +319,9 @@ def run_schedule(baseline: nn.Module, data, config: ScheduleConfig, out_dir: str
                  "val_finetuned": val(model)}]
         write_json(start_row, rows[0], indent=None)
     resume_from = None  # the last finished step: only its model is needed (earlier ones may be gone)
+    done = [k for k in range(1, config.steps + 1) if (out / f"step_{k}" / "done.json").is_file()]
+    if done:
+        print(f"resuming {out}: step(s) {', '.join(map(str, done))} of {config.steps} done")
     for k, budget in enumerate(step_targets(start_mflops, config.target_mflops, config.steps), start=1):
         step_dir, step_data = out / f"step_{k}", stage_data(k)
         if (step_dir / "done.json").is_file():
@@ -549,12 +580,15 @@ def student_name(target: float) -> str:
 
 
 def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir: str | Path, device: str = "cpu",
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, keep_start: bool = False, start: str | None = None) -> list[dict]:
     """Prune ``baseline`` to each target in one step, re-estimate BatchNorm, save state_dict + layout + student.json.
 
     One step each, not a schedule: the students are trained afterwards for many epochs by
-    ``distill``, and a one-step cut costs CPU minutes, not GPU minutes. Resumable: a student whose
-    student.json is there is not pruned again.
+    ``distill``, and a one-step cut costs CPU minutes, not GPU minutes. ``baseline`` is whatever the
+    students start from: the dense model, or a model already pruned and trained, which loses far
+    less to the cut (docs/gpu-runbook.md). ``keep_start`` adds ``baseline`` itself, unpruned, as a
+    student; ``start`` names it in each student.json. Resumable: a student whose student.json is
+    there is not pruned again.
     """
     from .evaluate import accuracy
     from .models import save_state_with_layout
@@ -562,19 +596,24 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
 
     out = Path(out_dir)
     prune_config = PruneStepConfig.from_dict(config.prune)
-    dense_mflops = count_mflops(baseline.cpu().eval())[0]
-    too_big = [t for t in config.targets if t >= dense_mflops]
+    start_mflops = count_mflops(baseline.cpu().eval())[0]
+    too_big = [t for t in config.targets if t >= start_mflops]
     if too_big:
-        raise MobilepruneError(f"student targets {too_big} MFLOPs are not below the dense model's {dense_mflops:.2f}")
+        raise MobilepruneError(f"student targets {too_big} MFLOPs are not below the starting model's "
+                               f"{start_mflops:.2f} (--with-start adds that model itself as a student)")
     records = []
-    for target in sorted(config.targets, reverse=True):
+    jobs = [(round(start_mflops, 2), None)] if keep_start else []
+    for target, cut in jobs + [(t, t) for t in sorted(config.targets, reverse=True)]:
         folder = out / student_name(target)
         if (folder / "student.json").is_file():
             records.append(json.loads((folder / "student.json").read_text()))
             continue
-        model = prune_to_mflops(baseline, target, prune_config, data, device)
-        recalibration = min(config.bn_recalibration_images, len(data.train_labels))
-        recalibrate_batchnorm(model, data.train_images[:recalibration], INPUT_SIZE, device=device)
+        if cut is None:  # the starting model as it is: its own statistics, no cut
+            model, recalibration = copy.deepcopy(baseline).cpu().eval(), 0
+        else:
+            model = prune_to_mflops(baseline, cut, prune_config, data, device)
+            recalibration = min(config.bn_recalibration_images, len(data.train_labels))
+            recalibrate_batchnorm(model, data.train_images[:recalibration], INPUT_SIZE, device=device)
         limit = config.val_images or None
         val = accuracy(model, data.val_images[:limit], data.val_labels[:limit], device=device, progress=progress,
                        desc=student_name(target))
@@ -582,7 +621,8 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
         save_state_with_layout(model, folder, "mobilenet")
         record = {"target_mflops": target, "mflops": mflops, "params": params, "val_accuracy": val,
                   "val_images": len(data.val_labels[:limit]), "bn_recalibration_images": recalibration,
-                  "dense_mflops": dense_mflops, "prune": config.prune}
+                  "start": start, "start_mflops": start_mflops, "pruned": cut is not None,
+                  "prune": config.prune if cut is not None else None}
         write_json(folder / "student.json", record)
         records.append(record)
     return records

@@ -217,11 +217,12 @@ def teacher_accuracy(teacher: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 # ----------------------------------------------------------------------------- the teacher
 def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, device: str | torch.device = "cpu",
-                  progress: bool = True, clock=time.monotonic) -> tuple[TeacherNet, dict]:
+                  progress: bool = True, clock=time.monotonic, log_epochs: bool = True) -> tuple[TeacherNet, dict]:
     """Train the 32-px teacher on ``data.train``; returns it and its summary (validation with and without TTA).
 
     Writes ``teacher.pt`` (bf16) and ``summary.json`` when done; ``last.pt`` after every epoch, from
-    which an interrupted run resumes. A finished teacher is loaded, not trained again.
+    which an interrupted run resumes. A finished teacher is loaded, not trained again. One line per
+    epoch unless ``log_epochs`` is off (progress bars only with ``progress``).
     """
     out = Path(out_dir)
     if (out / "teacher.pt").is_file() and (out / "summary.json").is_file():
@@ -262,6 +263,9 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
         step, history, spent = state["step"], state["history"], state["spent"]
         if lookahead is not None:
             lookahead = [t.to(device) for t in state["lookahead"]]
+        if log_epochs:
+            tqdm.write(f"teacher: resuming {out / 'last.pt'} after epoch {len(history)} (step {step}, "
+                       f"{spent:.0f} s spent)")
     budget = Budget(total_steps, config.budget_s or None, spent=spent, clock=clock)
 
     while budget.progress(step) < 1:
@@ -301,7 +305,7 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
         val = teacher_accuracy(model, data.val_images, data.val_labels, 0, config.eval_batch_size, config.bf16)
         history.append({"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / max(1, seen),
                         "val_accuracy": val, "seconds": clock() - started, "spent": budget.spent()})
-        if progress:
+        if log_epochs:
             tqdm.write(f"teacher epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}  val {val:.4f}  "
                        f"({history[-1]['seconds']:.1f}s, {budget.spent():.0f}s in all)")
         save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -399,7 +403,7 @@ def student_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Module, data: Cifar10,
                    config: StudentConfig, out_dir: str | Path, seconds: float, device: str | torch.device = "cpu",
-                   progress: bool = True, clock=time.monotonic) -> dict:
+                   progress: bool = True, clock=time.monotonic, log_epochs: bool = True) -> dict:
     """Train every student on the same batches for ``seconds`` (or ``config.max_epochs``); returns the stage's numbers.
 
     Per batch: the 32-px images are augmented once (flip, translation) on the device, the teacher
@@ -454,6 +458,8 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         generator.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws from it
         step, epoch, spent, throughput = state["step"], state["epoch"], state["spent"], state["throughput"]
+        if log_epochs:
+            tqdm.write(f"students: resuming {last} after epoch {epoch} ({spent:.0f} s of {seconds:.0f} s spent)")
     budget = Budget(steps_per_epoch * config.max_epochs or None, seconds, spent=spent, clock=clock)
     variants = config.resize_variants
 
@@ -502,7 +508,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         throughput.append({"epoch": epoch, "images": seen, "students": len(trainees), "seconds": train_seconds})
         for s in trainees:
             _validate_and_keep(s, epoch, seen, train_seconds, val_images, val_labels, config, device, out, budget)
-        if progress:
+        if log_epochs:
             tqdm.write(f"students epoch {epoch} ({train_seconds:.1f}s, {budget.spent():.0f}s of {seconds:.0f}s): "
                        + "  ".join(f"{s.name} {s.history[-1]['val_accuracy']:.4f}" for s in trainees))
         save_torch({"students": {s.name: {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),

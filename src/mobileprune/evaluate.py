@@ -23,6 +23,10 @@ from .errors import MobilepruneError
 DENSE_MFLOPS = 318.969098
 DENSE_PARAMS = 2_236_682
 ACCURACY_BAR = 0.92
+# The official CIFAR-10 test set, 10,000 (image, label) records, in any order: the sha256 of their
+# sorted sha256s (``test_set_digest``). A grade on anything else says so beside its score.
+OFFICIAL_TEST_IMAGES = 10_000
+OFFICIAL_TEST_DIGEST = "325704b01eb92e1e2a6215ae6a916bb7db7de054af0c496be1c7be2e0fcfbf5f"
 
 
 def count_mflops(model: nn.Module) -> tuple[float, int]:
@@ -83,6 +87,7 @@ class GradeResult:
     score_accuracy: float
     score: float
     notes: list[str] = field(default_factory=list)
+    not_lab_grade: str | None = None  # why the score is not the lab's (not the official 10,000 test images)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,9 +104,28 @@ def _unpack(submission: Path, workdir: Path) -> Path:
         z.extractall(workdir)
     # A zip may wrap everything in one top folder.
     for candidate in (workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())):
-        if (candidate / "model" / "mobilenet.pth").is_file():
+        if (candidate / "model" / "mobilenet.pth").is_file() or (candidate / "mobilenet.pth").is_file():
             return candidate
     return workdir
+
+
+def test_set_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """An order-free digest of (image, label) records: the sha256 of their sorted sha256s."""
+    import hashlib
+
+    records = torch.cat([labels.to(torch.uint8)[:, None], images.reshape(len(labels), -1)], dim=1).numpy()
+    return hashlib.sha256(b"".join(sorted(hashlib.sha256(r.tobytes()).digest() for r in records))).hexdigest()
+
+
+def not_the_lab_test_set(images: torch.Tensor, labels: torch.Tensor, limit: int | None) -> str | None:
+    """Why a grade on these images is not the lab's grade, or None when they are the official 10,000."""
+    if limit is not None and limit < OFFICIAL_TEST_IMAGES:
+        return f"graded on the first {len(labels):,} test images (--limit), not the official {OFFICIAL_TEST_IMAGES:,}"
+    if len(labels) != OFFICIAL_TEST_IMAGES:
+        return f"graded on {len(labels):,} test images, not the official {OFFICIAL_TEST_IMAGES:,}"
+    if test_set_digest(images, labels) != OFFICIAL_TEST_DIGEST:
+        return f"graded on {len(labels):,} test images that are not the official CIFAR-10 test set"
+    return None
 
 
 def _model_files(submission: Path, root: Path) -> tuple[Path, Path]:
@@ -117,10 +141,14 @@ def _model_files(submission: Path, root: Path) -> tuple[Path, Path]:
 
 def grade(submission: str | Path, data: str | Path | None = None, limit: int | None = None,
           variants: tuple[str, ...] = RESIZE_VARIANTS, trust_pickle: bool = False, device: str = "cpu",
-          progress: bool = True) -> GradeResult:
+          progress: bool = True, pte: str | Path | None = None) -> GradeResult:
     """Grade a hand-in as the lab's graders do: a folder in the lab's layout (``model/mobilenet.pth``,
     ``model/mobilenet.pte``, ``data/test_batch.bin``) or its zip, a folder holding mobilenet.pth and
-    mobilenet.pte, or a .pth (with the .pte of the same name beside it, if any)."""
+    mobilenet.pte, or a .pth (with ``pte``, else the .pte of the same name beside it, if any).
+
+    The .pte is first loaded in a child process (``export.probe_pte``): a damaged program from
+    elsewhere ends in a one-line error, not in a native abort of this process.
+    """
     from .export import PteModel
     from .models import load_pickled_model
 
@@ -128,8 +156,11 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         root = _unpack(submission, Path(tmp))
-        pth, pte = _model_files(submission, root)
+        pth, found_pte = _model_files(submission, root)
         root = root if root.is_dir() else root.parent
+        if pte is not None and not Path(pte).is_file():
+            raise MobilepruneError(f"{pte}: no such file")
+        pte = Path(pte) if pte is not None else found_pte
         model = load_pickled_model(pth, trust_pickle=trust_pickle)  # checks it is a torchvision MobileNetV2
         mflops, params = count_mflops(model)
         test_file = root / "data" / TEST_BIN
@@ -138,24 +169,23 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
             notes.append(f"data/{TEST_BIN} not in the submission: used {test_file}")
         images, labels = read_cifar_bin(test_file)
         images, labels = images[:limit], labels[:limit]
-        if limit is not None:
-            notes.append(f"first {len(labels)} test images only (--limit)")
+        caveat = not_the_lab_test_set(images, labels, limit)
         pth_accuracy = {v: accuracy(model, images, labels, v, device=device, progress=progress, desc=f".pth {v}")
                         for v in variants}
         pte_accuracy = None
         if pte.is_file():
-            runtime_model = PteModel(pte)
+            runtime_model = PteModel(pte, isolate=True)
             pte_accuracy = {v: accuracy(runtime_model, images, labels, v, batch_size=100, progress=progress,
                                         desc=f".pte {v}") for v in variants}
             # The runner measures the .pte; its grid is the 'runner' variant where we measured it.
             score_accuracy = pte_accuracy.get("runner", next(iter(pte_accuracy.values())))
         else:
-            notes.append(f"no {pte.relative_to(root).as_posix()}: graded the .pth alone (the lab's revised rules "
-                         "allow it)")
+            shown = pte.relative_to(root).as_posix() if pte.is_relative_to(root) else pte
+            notes.append(f"no {shown}: graded the .pth alone (the lab's revised rules allow it)")
             score_accuracy = pth_accuracy.get("torchvision", next(iter(pth_accuracy.values())))
         shutil.rmtree(tmp, ignore_errors=True)
     return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy, score_accuracy,
-                       lab_score(mflops, score_accuracy), notes)
+                       lab_score(mflops, score_accuracy), notes, caveat)
 
 
 def format_grade(result: GradeResult) -> str:
@@ -171,5 +201,7 @@ def format_grade(result: GradeResult) -> str:
         lines.append(f"{'.pte xnnpack':<12} " + "  ".join(f"{a:>11.4f}" for a in result.pte_accuracy.values()))
     lines += ["", f"lab score    {result.score:.2f} %   (MFLOPs {result.mflops:.2f}, accuracy "
                   f"{result.score_accuracy:.4f}; full marks at 45 MFLOPs and >= {ACCURACY_BAR})"]
+    if result.not_lab_grade:
+        lines.append(f"NOT THE LAB'S SCORE: {result.not_lab_grade}")
     lines += [f"note         {n}" for n in result.notes]
     return "\n".join(lines)

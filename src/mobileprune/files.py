@@ -8,8 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import torch
-
 from .errors import MobilepruneError
 
 
@@ -26,6 +24,8 @@ def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
 
 def save_torch(obj, path: str | Path) -> Path:
     """``torch.save`` through a temporary file, for the same reason as ``write_json``."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -73,8 +73,8 @@ def load_pickled_model(path: str | Path, trust_pickle: bool = False) -> nn.Modul
     except Exception as e:
         raise MobilepruneError(f"{path}: cannot load ({first_line(e)})") from None
     if isinstance(obj, dict):
-        raise MobilepruneError(f"{path}: holds a state_dict, not a whole model; rebuild it with its channel layout "
-                               "(mobileprune.models.load_state_with_layout)")
+        raise MobilepruneError(f"{path}: holds a state_dict, not a whole model: name it .pt with its .layout.json "
+                               "beside it, or rebuild the whole model with `mobileprune export MODEL.pt --out DIR`")
     check_mobilenet_v2(obj, path)
     return obj
 
@@ -198,10 +198,10 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> mobilenetv2.Mobi
     """Any form we write: a whole pickled model (``.pth``) or a state_dict with its layout (``.pt``)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("mobilenet.pth", "model/mobilenet.pth", "model.pt", "best.pt"):
+        for name in ("mobilenet.pth", "model/mobilenet.pth", "mobilenet.pt", "model.pt", "best.pt"):
             if (path / name).is_file():
                 return load_model(path / name, trust_pickle)
-        raise MobilepruneError(f"{path}: folder holds no mobilenet.pth or model.pt")
+        raise MobilepruneError(f"{path}: folder holds no mobilenet.pth or mobilenet.pt")
     if path.suffix == ".pt":
         return load_state_with_layout(path)
     if path.suffix == ".pte":

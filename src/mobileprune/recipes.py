@@ -73,6 +73,11 @@ def check_recipe(recipe: dict) -> None:
         TeacherConfig.from_dict(dict(recipe["teacher"]))
     if "distill" in recipe:
         StudentConfig.from_dict(dict(recipe["distill"]))
+    if "demo" in recipe:
+        unknown = set(recipe["demo"]) - {"hand_in", "baseline", "student_id", "bench_repeats"}
+        if unknown or not {"hand_in", "baseline"} <= set(recipe["demo"]):
+            raise MobilepruneError(f"[demo] needs hand_in and baseline and knows student_id and bench_repeats "
+                                   f"(got {sorted(recipe['demo'])})")
     for config in trainings:
         variants = config.resize_variants
         for variant in [variants] if isinstance(variants, str) else variants:

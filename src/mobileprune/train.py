@@ -200,6 +200,9 @@ def train(model: nn.Module, data: Cifar10, config: TrainConfig, out_dir: str | P
         torch.set_rng_state(state["torch_rng"])
         history, best_val, best_epoch = state["history"], state["best_val"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
+        if progress or log_epochs:
+            tqdm.write(f"{desc}: resuming {last_path} after epoch {start_epoch} of {config.epochs} "
+                       f"(best so far: epoch {best_epoch}, val {best_val:.4f})")
 
     for epoch in range(start_epoch, config.epochs):
         model.train()
