@@ -147,6 +147,12 @@ def test_damaged_programs_never_take_the_command_down(pruned_pte, tmp_path, caps
             lines = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(lines) == 1, done.stderr
             assert "not a loadable ExecuTorch program" in lines[0]
+            # grade measures a .pte in a worker process: the worker dies, the command says so in one line
+            save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "sub" / "mobilenet.pth")
+            (tmp_path / "sub" / "mobilenet.pte").write_bytes(blob)
+            line = one_error_line(capsys, ["--no-progress", "grade", str(tmp_path / "sub"), "--data", str(data),
+                                           "--no-runner"])
+            assert "not a loadable ExecuTorch program" in line
         else:
             line = one_error_line(capsys, ["--no-progress", "evaluate", str(path), "--data", str(data)])
             assert "ExecuTorch program" in line or "truncated" in line, (name, line)

@@ -80,7 +80,7 @@ def test_grade_refuses_a_model_that_is_not_mobilenet_v2(tmp_path, capsys):
     assert "is a torch.nn.modules.linear.Linear, not a torchvision MobileNetV2" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["grade", str(tmp_path / "empty")]) == 2
-    assert "holds no mobilenet.pth (looked in model/ and in the folder itself)" in capsys.readouterr().err
+    assert "holds no mobilenet.pth (looked in model/, prune/ and the folder itself)" in capsys.readouterr().err
 
 
 def test_pte_with_wrong_input_shape_is_refused(tmp_path):

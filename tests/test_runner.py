@@ -75,3 +75,16 @@ def test_bench_times_pte_through_the_runner(runner, pruned_pte, cifar_dir):
     results = bench([pruned_pte], threads=(1,), warmup=2, repeats=5, runner=runner, data=cifar_dir)
     assert [(r.kind, r.threads) for r in results] == [("pte", 1), ("native", 1)]
     assert all(0 < r.median_ms <= r.p90_ms for r in results)
+
+
+def test_grade_runs_the_native_runner_beside_the_python_runtime(runner, pruned_model, pruned_pte, tmp_path):
+    """`grade` with a runner: the lab's own command grades the .pte too, and agrees with the Python runtime."""
+    from mobileprune.evaluate import format_grade, grade
+    from mobileprune.models import save_pickled_model
+
+    folder = real_data_or_skip()
+    save_pickled_model(pruned_model, tmp_path / "mobilenet.pth")
+    (tmp_path / "mobilenet.pte").write_bytes(pruned_pte.read_bytes())
+    result = grade(tmp_path, data=folder, limit=200, runner=runner, progress=False)
+    assert result.runner_accuracy == pytest.approx(result.pte_accuracy["torchvision"], abs=1e-4)
+    assert "the lab's command" in format_grade(result) and not any("native runner printed" in n for n in result.notes)

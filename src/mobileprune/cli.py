@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the grade as JSON")
     p.add_argument("--save", metavar="FOLDER", help="also write FOLDER/grade.json and grade.txt (what "
                                                      "`mobileprune report` reads from a run folder)")
+    p.add_argument("--runner", help="also grade the .pte with this native runner (default: "
+                                    "build/xnn_executor_runner when built; `make runner`)")
+    p.add_argument("--no-runner", action="store_true", help="do not run the native runner")
     _add_data_args(p)
 
     p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
@@ -383,8 +386,12 @@ def cmd_export(args) -> None:
 def cmd_grade(args) -> None:
     from .evaluate import format_grade, grade
 
+    from .package import DEFAULT_RUNNER
+
+    runner = None if args.no_runner else args.runner or (DEFAULT_RUNNER if DEFAULT_RUNNER.is_file() else None)
     result = grade(args.submission, data=args.data, limit=args.limit, variants=_variants(args.variant),
-                   trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=args.pte)
+                   trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=args.pte,
+                   runner=runner)
     if args.save:
         folder = Path(args.save)
         folder.mkdir(parents=True, exist_ok=True)

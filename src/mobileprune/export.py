@@ -109,23 +109,36 @@ method.execute([torch.zeros(shape)])
 """
 
 
-def probe_pte(path: str | Path, timeout: float = 300) -> Path:
-    """Load ``path`` and run it once in a child process: a program that aborts the runtime ends the
-    child, not the command, and is named here in one line."""
+def start_probe(path: str | Path) -> subprocess.Popen:
+    """Begin loading and running ``path`` once in a child process (``finish_probe`` reads the outcome),
+    so that a caller can do other work meanwhile."""
     path = check_pte_file(path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", _PROBE, str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish_probe(child: subprocess.Popen, path: str | Path, timeout: float = 300) -> Path:
+    """The probe's outcome: ``path`` if the runtime loaded and ran it, else its failure in one line."""
+    path = Path(path)
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        _, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        child.kill()
         raise MobilepruneError(f"{path}: the ExecuTorch runtime did not load it in {timeout:.0f} s") from None
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip() and not RUNTIME_NOISE.match(line)]
-        how = f"signal {-done.returncode}" if done.returncode < 0 else (lines[-1] if lines else "no message")
+    if child.returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip() and not RUNTIME_NOISE.match(line)]
+        how = f"signal {-child.returncode}" if child.returncode < 0 else (lines[-1] if lines else "no message")
         raise MobilepruneError(f"{path}: not a loadable ExecuTorch program (the runtime failed on it: "
                                f"{how[:200]})")
     return path
+
+
+def probe_pte(path: str | Path, timeout: float = 300) -> Path:
+    """Load ``path`` and run it once in a child process: a program that aborts the runtime ends the
+    child, not the command, and is named here in one line."""
+    return finish_probe(start_probe(path), path, timeout)
 
 
 def export_pte(model: nn.Module, path: str | Path, check: bool = True, check_samples: int = 3) -> Path:
