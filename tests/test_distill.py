@@ -216,10 +216,12 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
     common = ["--recipe", str(tmp_path / "tiny.toml"), "--data", str(folder), "--device", "cpu"]
     assert main(["--no-progress", "students", "--baseline", str(tmp_path / "dense.pth"), "--out",
-                 str(tmp_path / "students"), *common]) == 0
+                 str(tmp_path / "students"), "--with-start", *common]) == 0
     records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "students").glob("*/student.json")}
-    assert set(records) == {"student-150", "student-100"}
-    assert all(r["target_mflops"] - 0.5 <= r["mflops"] <= r["target_mflops"] for r in records.values())
+    assert set(records) == {"student-150", "student-100", "student-318.97"}  # the start itself, unpruned, too
+    assert not records.pop("student-318.97")["pruned"]
+    assert all(r["target_mflops"] - 0.5 <= r["mflops"] <= r["target_mflops"] and r["pruned"] for r in records.values())
+    assert all(r["start"] == str(tmp_path / "dense.pth") for r in records.values())
 
     # What the GPU machine runs: the teacher, both students, then the pack for the trip back.
     assert main(["--no-progress", "distill", "--students", str(tmp_path / "students"), "--out", str(tmp_path / "run"),
@@ -230,7 +232,7 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     assert len(pieces) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in pieces)
     assert (tmp_path / "run" / "distill.png").stat().st_size > 1000
     stage = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert stage["teacher"]["val_accuracy"] is not None and set(stage["students"]) == set(records)
+    assert stage["teacher"]["val_accuracy"] is not None and set(stage["students"]) == {*records, "student-318.97"}
 
     # Here again: unpack, .pth and .pte rebuilt, test accuracy measured, the hand-in chosen on validation.
     assert main(["--no-progress", "unpack", str(tmp_path / "pack"), "--out", str(tmp_path / "back"), "--data",
@@ -245,7 +247,7 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     graded = json.loads(capsys.readouterr().out)
     assert graded["mflops"] == pytest.approx(summary["mflops"]) and graded["pte_accuracy"] is not None
     report = (tmp_path / "back" / "REPORT.md").read_text()
-    assert "## Distillation: a 32-px teacher and 2 students" in report and "`student-100`" in report
+    assert "## Distillation: a 32-px teacher and 3 students" in report and "`student-100`" in report
 
     # A second distill into the same folder is done already; other students there are refused.
     assert main(["--no-progress", "distill", "--students", str(tmp_path / "students"), "--out", str(tmp_path / "run"),

@@ -134,3 +134,15 @@ def test_package_refuses_a_pte_that_is_not_its_pth(tmp_path, pruned_pte, capsys)
     assert "ExecuTorch output differs from eager" in capsys.readouterr().err
     assert main(["package", "--id", "../x", "--model-dir", str(tmp_path / "m")]) == 2
     assert "student id '../x'" in capsys.readouterr().err
+
+
+def test_a_pte_is_fed_contiguous_memory_whatever_view_it_is_given(pruned_pte):
+    """ExecuTorch's binding reads an input's raw memory and ignores its strides: a transposed view must
+    give the outputs of its contiguous copy (issue #24: 10 % accuracy in a grader written elsewhere)."""
+    pte = PteModel(pruned_pte)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    view = x.transpose(2, 3).contiguous().transpose(2, 3)  # the same values, other strides
+    assert not view.is_contiguous() and torch.equal(view, x)
+    assert torch.allclose(pte(view), pte(x.contiguous()))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pte(channels_last), pte(x))

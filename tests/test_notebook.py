@@ -55,3 +55,16 @@ def test_find_results_takes_the_first_folder_with_every_stage(tmp_path, monkeypa
             (tmp_path / folder / stage / "summary.json").write_text("{}")
     assert find_results(tmp_path) == tmp_path / "release"  # the hand-in: Part 2 is enough
     assert find_results(tmp_path, ("finegrained", "prune")) == tmp_path / "runs/cpu-small"
+
+
+def test_the_notebook_finds_the_project_wherever_it_is_opened(tmp_path, monkeypatch):
+    """`jupyter execute` or `jupyter nbconvert --execute` from any folder: the notebook's first cell
+    finds the checkout (the working folder or above, else where the package runs from)."""
+    import nbconvert  # noqa: F401  (in the dev dependencies: `jupyter nbconvert --execute` works in the venv)
+
+    from mobileprune.report import project_root
+
+    for folder in (tmp_path, PROJECT / "notebooks", PROJECT):
+        monkeypatch.chdir(folder)
+        assert project_root() == PROJECT
+    assert "PROJECT = project_root()" in COMMITTED.cells[1].source

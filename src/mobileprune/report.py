@@ -316,7 +316,7 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
     rows = []
     for stage in find_stages(root)["prune"] if stages is None else stages:
         s = _read_json(stage / "summary.json")
-        p = s.get("prune", {})
+        p = s.get("prune") or {}  # a student trained as it was has no pruning settings
         rows.append({"run": _label(stage, root), "target": s["target_mflops"], "MFLOPs": s["mflops"],
                      "params": s.get("params"), "criterion": p.get("importance", "l2"),
                      "global": "yes" if p.get("global_pruning") else "no",
