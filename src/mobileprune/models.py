@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import mobilenetv2
 
 from .errors import MobilepruneError, first_line
-from .files import write_json
+from .files import save_torch, write_json
 
 NUM_CLASSES = 10
 LAYOUT_VERSION = 1
@@ -49,13 +49,18 @@ def allowed_globals() -> list[str]:
     return sorted(f"{c.__module__}.{c.__qualname__}" for c in _allowed_classes())
 
 
-def load_pickled_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
-    """Load a whole pickled model (the course's ``mobilenet.pth``), safely unless ``trust_pickle``."""
-    path = Path(path)
+def check_torch_file(path: Path) -> None:
+    """Refuse a path that is not there or not a ``torch.save`` archive, before torch.load sees it."""
     if not path.is_file():
         raise MobilepruneError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise MobilepruneError(f"{path}: not a torch.save file (not a zip archive; truncated or another format?)")
+
+
+def load_pickled_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """Load a whole pickled model (the course's ``mobilenet.pth``), safely unless ``trust_pickle``."""
+    path = Path(path)
+    check_torch_file(path)
     try:
         if trust_pickle:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -173,10 +178,7 @@ def load_state_with_layout(weights: str | Path, layout: str | Path | None = None
     """Rebuild a model from ``stem.pt`` and ``stem.layout.json`` (found beside it if not given)."""
     weights = Path(weights)
     layout = Path(layout) if layout else weights.with_suffix(".layout.json")
-    if not weights.is_file():
-        raise MobilepruneError(f"{weights}: no such file")
-    if not zipfile.is_zipfile(weights):
-        raise MobilepruneError(f"{weights}: not a torch.save file (not a zip archive; truncated or another format?)")
+    check_torch_file(weights)
     if not layout.is_file():
         # A pruned state_dict cannot be rebuilt without its channel counts; say which file is missing and why.
         raise MobilepruneError(f"{layout}: no such file (a .pt state_dict is loaded with the channel layout "
@@ -294,25 +296,17 @@ def _teacher_conv(channels_in: int, channels_out: int) -> nn.Conv2d:
 
 def save_teacher(model: TeacherNet, path: str | Path, extra: dict | None = None) -> Path:
     """The teacher in one small file: its shape and a bf16 state_dict (a dict of tensors, safe to load)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().cpu().to(torch.bfloat16) if v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
     blob = {"arch": TEACHER_ARCH, "version": 1, "widths": model.widths, "depth": model.depth, "state": state,
             **({"extra": extra} if extra else {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    return save_torch(blob, path)
 
 
 def load_teacher(path: str | Path) -> TeacherNet:
     """A teacher saved by ``save_teacher``, in float32 and eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise MobilepruneError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise MobilepruneError(f"{path}: not a torch.save file (not a zip archive; truncated or another format?)")
+    check_torch_file(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
