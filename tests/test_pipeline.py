@@ -238,3 +238,47 @@ def test_stage_folders_are_told_apart_by_their_summaries(tmp_path):
     assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-avg", "prune-more"],
                       "recover": ["more", "prune-more"], "average": ["avg", "prune-avg"], "distill": ["dist"],
                       "grade": []}
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_epoch(tmp_path):
+    """A log file or CI gets no progress-bar redraws, and one line per epoch."""
+    import subprocess
+    import sys
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("[data]\nval_size = 10\n\n[baseline]\n" +
+                      "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in {**TINY, "epochs": 2}.items()))
+    done = subprocess.run([sys.executable, "-m", "mobileprune", "train", "--recipe", str(recipe), "--data",
+                           str(folder), "--out", str(tmp_path / "base"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)  # pipes: not a terminal
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "\r" not in output and "it/s" not in output and "batch/s" not in output
+    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("baseline epoch ")] == ["baseline epoch 1/2",
+                                                                                          "baseline epoch 2/2"]
+
+
+@pytest.mark.slow
+def test_the_demo_packages_grades_and_times_a_hand_in_then_prunes_once(tmp_path, pruned_model, pruned_pte):
+    """What `make run` does, on tiny data: the hand-in zipped and graded, its .pte timed, one pruning step."""
+    from mobileprune.models import build_mobilenet_v2, save_pickled_model, save_state_with_layout
+    from mobileprune.pipeline import run_demo
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    hand_in = tmp_path / "hand-in"
+    save_pickled_model(pruned_model, hand_in / "mobilenet.pth")
+    (hand_in / "mobilenet.pte").write_bytes(pruned_pte.read_bytes())
+    save_state_with_layout(build_mobilenet_v2().eval(), tmp_path, "dense")
+    recipe = {"name": "tiny-demo", "data": {"val_size": 10},
+              "demo": {"hand_in": str(hand_in), "baseline": str(tmp_path / "dense.pt"), "bench_repeats": 2},
+              "prune": {"target_mflops": 150.0, "steps": 1, "export": False, "bn_recalibration_images": 10,
+                        "finetune": {**TINY, "kd_alpha": 0.5}}}
+    logs = []
+    result = run_demo(recipe, folder, tmp_path / "demo", progress=False, log=logs.append)
+    assert result["grade"]["pte_accuracy"] is not None and (tmp_path / "demo" / "demo.zip").is_file()
+    assert "NOT THE LAB'S SCORE: graded on 6 test images" in "\n".join(logs)
+    assert "speed-up" in (tmp_path / "demo" / "bench.txt").read_text()
+    assert 149.5 <= result["demo"]["mflops"] <= 150.0 and (tmp_path / "demo" / "REPORT.md").is_file()
+    assert any(line.startswith("hand-in zip: ") and "lab score" in line for line in logs)
+    assert logs[-1].startswith("report: ")
