@@ -44,7 +44,7 @@ def _time(call, warmup: int, repeats: int) -> tuple[float, float]:
 
 
 def _bench_one(path: str, threads: int, warmup: int, repeats: int, trust_pickle: bool) -> Latency:
-    from .export import quiet_libraries
+    from .errors import quiet_libraries
 
     quiet_libraries()  # a fresh process starts with Python's default warning filters
     from .export import PteModel, set_runtime_threads

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
-from .errors import MobilepruneError, exit_code
-from .files import write_json
-
-VERBOSE_ENV = "MOBILEPRUNE_VERBOSE"  # export.VERBOSE_ENV (not imported here: it would load torch for --help)
+from .errors import VERBOSE_ENV, MobilepruneError, exit_code, quiet_libraries
 
 
 def _threads(text: str) -> tuple[int, ...]:
@@ -384,8 +379,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_grade(args) -> None:
-    from .evaluate import format_grade, grade
-
+    from .evaluate import format_grade, grade, save_grade
     from .package import DEFAULT_RUNNER
 
     runner = None if args.no_runner else args.runner or (DEFAULT_RUNNER if DEFAULT_RUNNER.is_file() else None)
@@ -393,10 +387,7 @@ def cmd_grade(args) -> None:
                    trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=args.pte,
                    runner=runner)
     if args.save:
-        folder = Path(args.save)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "grade.json", result.to_dict())
-        (folder / "grade.txt").write_text(format_grade(result) + "\n")
+        save_grade(result, args.save)
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
 
 
@@ -679,8 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"
     else:
         os.environ.pop(VERBOSE_ENV, None)
-        warnings.filterwarnings("ignore")
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    quiet_libraries()
     # Progress bars belong on a terminal; a log file or CI gets one plain line per epoch instead.
     args.no_progress = args.no_progress or not sys.stderr.isatty()
     os.environ.setdefault("TQDM_DISABLE", "1" if args.no_progress else "")

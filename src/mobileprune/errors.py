@@ -1,8 +1,12 @@
 """The one error type users see: the CLI prints its message on one line and exits with code 2."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
+
+VERBOSE_ENV = "MOBILEPRUNE_VERBOSE"  # set (by --verbose) to let the libraries' own lines through
 
 
 class MobilepruneError(Exception):
@@ -41,3 +45,19 @@ def exit_code(program: str, action: Callable[[], object]) -> int:
         print(f"{program}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' warnings and logged notices (torch.export, pytree) unless --verbose.
+
+    Called by the CLI and by every child process that loads ExecuTorch (``bench``, ``probe_pte``,
+    ``grade``'s workers): a child starts with Python's default filters. Imports no torch, so the
+    CLI can call it before any command.
+    """
+    if os.environ.get(VERBOSE_ENV):
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch._export", "torch.utils._pytree", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -158,7 +158,8 @@ def _predict_file(kind: str, model_path: str, test_file: str, limit: int | None,
     torch.set_num_threads(1)
     images = read_cifar_bin(test_file)[0][:limit]
     if kind == "pte":
-        from .export import PteModel, quiet_libraries, set_runtime_threads
+        from .errors import quiet_libraries
+        from .export import PteModel, set_runtime_threads
 
         quiet_libraries()
         set_runtime_threads(1)  # before the pool is first used: resizing a used one can abort
@@ -274,6 +275,16 @@ def finish_native_runner(child, runner: str | Path, pte: Path) -> float:
         why = (stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]
         raise MobilepruneError(f"{runner}: failed on {pte} ({why})")
     return float(last.removeprefix("Accuracy: "))
+
+
+def save_grade(result: GradeResult, folder: str | Path) -> Path:
+    """``folder/grade.json`` and ``grade.txt``: what ``report`` reads of a graded hand-in."""
+    from .files import write_json
+
+    folder = Path(folder)
+    write_json(folder / "grade.json", result.to_dict())
+    (folder / "grade.txt").write_text(format_grade(result) + "\n")
+    return folder / "grade.json"
 
 
 def format_grade(result: GradeResult) -> str:

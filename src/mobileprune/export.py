@@ -8,7 +8,6 @@ abort the runtime natively, which no ``except`` catches.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from .data import INPUT_SIZE
-from .errors import MobilepruneError, first_line
+from .errors import VERBOSE_ENV, MobilepruneError, first_line, quiet_libraries
 
 # A float32 graph run by XNNPACK sums in another order than ATen does; anything above this,
 # relative to the largest logit, is a real export bug, not rounding.
@@ -29,24 +28,6 @@ RELATIVE_TOLERANCE = 1e-3
 
 # What ExecuTorch's C++ runtime and torch's pytree module write to stderr on every load: not ours.
 RUNTIME_NOISE = re.compile(r"^\s*(\[cpuinfo_utils\.cpp|\[threadpool\.cpp|W\d{4} .*_pytree\.py)")
-VERBOSE_ENV = "MOBILEPRUNE_VERBOSE"  # set (by --verbose) to let all of it through
-
-
-def quiet_libraries() -> None:
-    """Silence the libraries' warnings and logged notices (torch.export, pytree) unless --verbose.
-
-    Called by the CLI and by every child process that loads ExecuTorch (``bench``, ``probe_pte``):
-    a child starts with Python's default filters.
-    """
-    if os.environ.get(VERBOSE_ENV):
-        return
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("torch._export", "torch.utils._pytree", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 @contextlib.contextmanager
 def runtime_stderr_filtered():
     """Run the block with the process's stderr (fd 2, where C++ writes) caught; pass on all but RUNTIME_NOISE."""
@@ -100,7 +81,7 @@ def check_pte_file(path: str | Path) -> Path:
 _PROBE = """
 import sys
 import torch
-from mobileprune.export import quiet_libraries
+from mobileprune.errors import quiet_libraries
 quiet_libraries()
 from executorch.runtime import Runtime
 method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
@@ -109,36 +90,23 @@ method.execute([torch.zeros(shape)])
 """
 
 
-def start_probe(path: str | Path) -> subprocess.Popen:
-    """Begin loading and running ``path`` once in a child process (``finish_probe`` reads the outcome),
-    so that a caller can do other work meanwhile."""
-    path = check_pte_file(path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                      os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-c", _PROBE, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish_probe(child: subprocess.Popen, path: str | Path, timeout: float = 300) -> Path:
-    """The probe's outcome: ``path`` if the runtime loaded and ran it, else its failure in one line."""
-    path = Path(path)
-    try:
-        _, stderr = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        raise MobilepruneError(f"{path}: the ExecuTorch runtime did not load it in {timeout:.0f} s") from None
-    if child.returncode != 0:
-        lines = [line for line in stderr.splitlines() if line.strip() and not RUNTIME_NOISE.match(line)]
-        how = f"signal {-child.returncode}" if child.returncode < 0 else (lines[-1] if lines else "no message")
-        raise MobilepruneError(f"{path}: not a loadable ExecuTorch program (the runtime failed on it: "
-                               f"{how[:200]})")
-    return path
-
-
 def probe_pte(path: str | Path, timeout: float = 300) -> Path:
     """Load ``path`` and run it once in a child process: a program that aborts the runtime ends the
     child, not the command, and is named here in one line."""
-    return finish_probe(start_probe(path), path, timeout)
+    path = check_pte_file(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise MobilepruneError(f"{path}: the ExecuTorch runtime did not load it in {timeout:.0f} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip() and not RUNTIME_NOISE.match(line)]
+        how = f"signal {-done.returncode}" if done.returncode < 0 else (lines[-1] if lines else "no message")
+        raise MobilepruneError(f"{path}: not a loadable ExecuTorch program (the runtime failed on it: "
+                               f"{how[:200]})")
+    return path
 
 
 def export_pte(model: nn.Module, path: str | Path, check: bool = True, check_samples: int = 3) -> Path:

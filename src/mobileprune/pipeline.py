@@ -48,7 +48,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
     """
     from .channel import ScheduleConfig, run_schedule
     from .data import load_cifar10
-    from .evaluate import format_grade, grade
+    from .evaluate import format_grade, grade, save_grade
     from .finegrained import run_finegrained
     from .models import load_model
     from .report import draw_plots, write_report
@@ -89,8 +89,7 @@ def run_pipeline(recipe: dict, data_dir: str | Path, out_root: str | Path, devic
             shutil.copy(root / "prune" / name, submission / "model" / name)
     log(f"[4/4] grading the hand-in {submission}")
     result = grade(submission, data=data_dir, limit=grade_limit, device=device, progress=progress)
-    write_json(root / "grade.json", result.to_dict())
-    (root / "grade.txt").write_text(format_grade(result) + "\n")
+    save_grade(result, root)
     log(format_grade(result))
     report = write_report(root)
     log(f"report: {report}")
@@ -110,7 +109,7 @@ def run_demo(recipe: dict, data_dir: str | Path, out_root: str | Path, device: s
     from .bench import bench, format_bench
     from .channel import ScheduleConfig, run_schedule
     from .data import load_cifar10
-    from .evaluate import format_grade
+    from .evaluate import format_grade, save_grade
     from .export import export_pte
     from .models import load_model
     from .package import package
@@ -127,8 +126,7 @@ def run_demo(recipe: dict, data_dir: str | Path, out_root: str | Path, device: s
 
     log(f"[1/4] packaging the released hand-in {hand_in} into the lab's zip and grading it as the lab does")
     archive, graded = package(demo.get("student_id", "demo"), hand_in, root, data=data_dir, progress=progress)
-    write_json(root / "grade.json", graded.to_dict())
-    (root / "grade.txt").write_text(format_grade(graded) + "\n")
+    save_grade(graded, root)
     log(format_grade(graded))
 
     log(f"[2/4] timing the hand-in's .pte against the dense model's ({baseline_path})")
