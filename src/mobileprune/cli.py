@@ -101,6 +101,29 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
 
 
+def _add_int8_args(p: argparse.ArgumentParser) -> None:
+    from .export import CALIBRATION_IMAGES
+
+    p.add_argument("--int8", action="store_true",
+                   help="also write model/mobilenet.int8.pte: post-training int8 (per-channel symmetric weights, "
+                        "activations calibrated on training images), checked against the eager int8 model")
+    p.add_argument("--calibration", type=_positive, default=CALIBRATION_IMAGES,
+                   help=f"training images to calibrate int8 activations on (default {CALIBRATION_IMAGES:,})")
+    p.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
+                   help="int8 activation ranges: histogram (least quantization error, default) or minmax")
+    p.add_argument("--keep-fp32", type=_module_names, default=(), metavar="MODULES",
+                   help="comma-separated modules whose operators stay fp32 in the int8 program, e.g. "
+                        "features.0,classifier")
+    _add_data_args(p)
+
+
+def _module_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected module names like features.0,classifier (got {text!r})")
+    return names
+
+
 def _add_stage_args(p: argparse.ArgumentParser, stage: str, default_recipe: str, export: bool = True) -> None:
     """What every stage that starts from the dense baseline takes: recipe, baseline, output, device, data."""
     p.add_argument("--baseline", help="dense model (default: runs/<recipe>/baseline/mobilenet.pth)")
@@ -157,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder; files go to OUT/model/")
     p.add_argument("--no-check", action="store_true", help="skip comparing the .pte with eager")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    _add_int8_args(p)
 
     p = sub.add_parser("grade", help="grade a hand-in as the lab does: MFLOPs, .pth and .pte accuracy, score")
     p.add_argument("submission", help="a hand-in folder in the lab's layout (model/mobilenet.pth, model/mobilenet.pte, "
@@ -176,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", help="also grade the .pte with this native runner (default: "
                                     "build/xnn_executor_runner when built; `make runner`)")
     p.add_argument("--no-runner", action="store_true", help="do not run the native runner")
+    p.add_argument("--int8", action="store_true", help="grade mobilenet.int8.pte beside the .pth (export --int8 "
+                                                       "writes it) instead of mobilenet.pte; --save writes "
+                                                       "grade.int8.json")
     _add_data_args(p)
 
     p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
@@ -276,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebook", help="notebook to include (default: notebooks/lab2.ipynb if present)")
     p.add_argument("--runner", help="runner binary to include (default: build/xnn_executor_runner if built)")
     p.add_argument("--grade-limit", type=_positive, help="grade on the first N test images only")
+    p.add_argument("--int8", action="store_true", help="hand in the int8 program: MODEL_DIR/mobilenet.int8.pte "
+                                                       "becomes the zip's model/mobilenet.pte (use another --out to "
+                                                       "keep the fp32 zip too)")
     _add_data_args(p)
 
     p = sub.add_parser("report", help="redraw the plots and write REPORT.md of a run folder or a release")
@@ -289,8 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the first is the reference of the speed-up column")
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
     p.add_argument("--warmup", type=_positive, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--repeats", type=_positive, default=50, help="timed runs (default 50)")
+    p.add_argument("--repeats", type=_positive, default=50, help="timed runs of each model (default 50)")
+    p.add_argument("--rounds", type=_positive, default=5,
+                   help="the timed runs come in this many rounds, the models taking turns (default 5)")
     p.add_argument("--runner", help="also time each .pte through this native runner (e.g. build/xnn_executor_runner)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead, time each .pte's operators (ExecuTorch's ETDump), summed by XNNPACK operator "
+                        "kind, at the first of --threads (default 1)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(p)
@@ -376,6 +411,19 @@ def cmd_export(args) -> None:
     mflops, params = count_mflops(model)
     print(f"wrote {pth}, {pte} and mobilenet.pt + mobilenet.layout.json ({mflops:.2f} MFLOPs, {params:,} params"
           f"{'' if args.no_check else ', .pte checked against eager'})")
+    if args.int8:
+        _export_int8(args, model, folder)
+
+
+def _export_int8(args, model, folder: Path) -> None:
+    from .export import export_int8_hand_in
+
+    train_images = load_data(args, test=False).train_images
+    path, check = export_int8_hand_in(model, folder, train_images, args.calibration, args.keep_fp32, args.observer,
+                                      progress=not args.no_progress)
+    print(f"wrote {path} (int8, calibrated on {args.calibration:,} training images; same class as the eager int8 "
+          f"model on {check['agreement']:.1%} of {check['check_inputs']} others, logits within "
+          f"{check['relative_error']:.3f} of the largest)")
 
 
 def cmd_grade(args) -> None:
@@ -385,9 +433,9 @@ def cmd_grade(args) -> None:
     runner = None if args.no_runner else args.runner or (DEFAULT_RUNNER if DEFAULT_RUNNER.is_file() else None)
     result = grade(args.submission, data=args.data, limit=args.limit, variants=_variants(args.variant),
                    trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=args.pte,
-                   runner=runner)
+                   runner=runner, int8=args.int8)
     if args.save:
-        save_grade(result, args.save)
+        save_grade(result, args.save, "grade.int8" if args.int8 else "grade")
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
 
 
@@ -630,7 +678,7 @@ def cmd_package(args) -> None:
 
     model_dir = args.model_dir or find_results() / "prune"
     archive, result = package(args.student_id, model_dir, args.out, args.notebook, args.runner, args.data,
-                              args.grade_limit, progress=not args.no_progress)
+                              args.grade_limit, progress=not args.no_progress, int8=args.int8)
     with zipfile.ZipFile(archive) as z:
         print(f"wrote {archive}: " + ", ".join(z.namelist()))
     print(format_grade(result))
@@ -651,7 +699,14 @@ def cmd_bench(args) -> None:
 
     from .bench import bench, format_bench
 
-    results = bench(args.models, args.threads, args.warmup, args.repeats, args.trust_pickle, args.runner, args.data)
+    if args.profile:  # where the time goes, by operator: ExecuTorch's event tracer (ETDump)
+        from .bench import format_profile, profile
+
+        rows = profile(args.models, (args.threads or (1,))[0], args.repeats)
+        print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_profile(rows))
+        return
+    results = bench(args.models, args.threads, args.warmup, args.repeats, args.trust_pickle, args.runner, args.data,
+                    args.rounds)
     print(json.dumps([asdict(r) for r in results], indent=1) if args.json else format_bench(results))
 
 

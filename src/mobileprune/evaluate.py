@@ -95,6 +95,7 @@ class GradeResult:
     notes: list[str] = field(default_factory=list)
     not_lab_grade: str | None = None  # why the score is not the lab's (not the official 10,000 test images)
     runner_accuracy: float | None = None  # what the native runner printed, when one was given
+    pte_file: str | None = None  # the program graded (an int8 one is named mobilenet.int8.pte beside the .pth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,7 +191,8 @@ def _graded_predictions(jobs: list[tuple], progress: bool) -> dict[tuple, torch.
 
 def grade(submission: str | Path, data: str | Path | None = None, limit: int | None = None,
           variants: tuple[str, ...] = RESIZE_VARIANTS, trust_pickle: bool = False, device: str = "cpu",
-          progress: bool = True, pte: str | Path | None = None, runner: str | Path | None = None) -> GradeResult:
+          progress: bool = True, pte: str | Path | None = None, runner: str | Path | None = None,
+          int8: bool = False) -> GradeResult:
     """Grade a hand-in as the lab's graders do: a folder in the lab's layout (``model/mobilenet.pth``,
     ``model/mobilenet.pte``, ``data/test_batch.bin``) or its zip, a folder holding mobilenet.pth and
     mobilenet.pte (a stage folder, or a run whose ``prune/`` holds them), or a .pth (with ``pte``,
@@ -200,7 +202,8 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     worker processes: a damaged program from elsewhere ends in a one-line error, not in a native
     abort of this process, and the grade of a 45-MFLOP hand-in takes about a minute and a half on
     2 cores, not six. With ``runner`` (``build/xnn_executor_runner``) the .pte is also graded by the
-    lab's own command, beside them. On a GPU (``device``) the .pth is measured here.
+    lab's own command, beside them. On a GPU (``device``) the .pth is measured here. ``int8``: grade
+    ``mobilenet.int8.pte`` beside the .pth instead (``export --int8`` writes it), exactly as the fp32 one.
     """
     from .export import check_pte_file
     from .models import load_pickled_model
@@ -213,7 +216,9 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
         root = root if root.is_dir() else root.parent
         if pte is not None and not Path(pte).is_file():
             raise MobilepruneError(f"{pte}: no such file")
-        pte = Path(pte) if pte is not None else found_pte
+        pte = Path(pte) if pte is not None else found_pte.with_suffix(".int8.pte") if int8 else found_pte
+        if int8 and not pte.is_file():
+            raise MobilepruneError(f"{pte}: no such file (write it: mobileprune export MODEL --out DIR --int8)")
         model = load_pickled_model(pth, trust_pickle=trust_pickle)  # checks it is a torchvision MobileNetV2
         mflops, params = count_mflops(model)
         has_pte = pte.is_file()
@@ -252,7 +257,8 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
             score_accuracy = pth_accuracy.get("torchvision", next(iter(pth_accuracy.values())))
         shutil.rmtree(tmp, ignore_errors=True)
     return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy, score_accuracy,
-                       lab_score(mflops, score_accuracy), notes, caveat, runner_accuracy)
+                       lab_score(mflops, score_accuracy), notes, caveat, runner_accuracy,
+                       pte_file=str(pte) if has_pte else None)
 
 
 def start_native_runner(runner: str | Path, pte: Path, test_file: Path, limit: int | None = None):
@@ -277,19 +283,20 @@ def finish_native_runner(child, runner: str | Path, pte: Path) -> float:
     return float(last.removeprefix("Accuracy: "))
 
 
-def save_grade(result: GradeResult, folder: str | Path) -> Path:
-    """``folder/grade.json`` and ``grade.txt``: what ``report`` reads of a graded hand-in."""
+def save_grade(result: GradeResult, folder: str | Path, stem: str = "grade") -> Path:
+    """``folder/grade.json`` and ``grade.txt`` (``stem`` grade.int8 for the int8 program's): what
+    ``report`` reads of a graded hand-in."""
     from .files import write_json
 
     folder = Path(folder)
-    write_json(folder / "grade.json", result.to_dict())
-    (folder / "grade.txt").write_text(format_grade(result) + "\n")
-    return folder / "grade.json"
+    write_json(folder / f"{stem}.json", result.to_dict())
+    (folder / f"{stem}.txt").write_text(format_grade(result) + "\n")
+    return folder / f"{stem}.json"
 
 
 def format_grade(result: GradeResult) -> str:
     lines = [f"submission   {result.submission}",
-             f"model        torchvision MobileNetV2 (checked)",
+             "model        torchvision MobileNetV2 (checked)",
              f"MFLOPs       {result.mflops:.6f}   ({result.mflops / DENSE_MFLOPS:.1%} of dense)",
              f"parameters   {result.params:,}",
              f"test images  {result.images:,}",
@@ -297,7 +304,8 @@ def format_grade(result: GradeResult) -> str:
              f"{'accuracy':<12} " + "  ".join(f"{v:>11}" for v in result.pth_accuracy)]
     lines.append(f"{'.pth eager':<12} " + "  ".join(f"{a:>11.4f}" for a in result.pth_accuracy.values()))
     if result.pte_accuracy is not None:
-        lines.append(f"{'.pte xnnpack':<12} " + "  ".join(f"{a:>11.4f}" for a in result.pte_accuracy.values()))
+        label = ".int8.pte" if (result.pte_file or "").endswith(".int8.pte") else ".pte xnnpack"
+        lines.append(f"{label:<12} " + "  ".join(f"{a:>11.4f}" for a in result.pte_accuracy.values()))
     if result.runner_accuracy is not None:
         lines.append(f"{'.pte runner':<12} {result.runner_accuracy:>11.4f}  {'':>11}   (build/xnn_executor_runner, "
                      "the lab's command: torchvision's resize)")

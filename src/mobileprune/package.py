@@ -21,22 +21,30 @@ DEFAULT_RUNNER = Path("build/xnn_executor_runner")
 
 def package(student_id: str, model_dir: str | Path, out_dir: str | Path = ".", notebook: str | Path | None = None,
             runner: str | Path | None = None, data: str | Path | None = None, grade_limit: int | None = None,
-            progress: bool = True):
-    """Write ``out_dir/STUDENT_ID.zip`` from ``model_dir`` (holding mobilenet.pth/.pte); return (zip, grade)."""
+            progress: bool = True, int8: bool = False):
+    """Write ``out_dir/STUDENT_ID.zip`` from ``model_dir`` (holding mobilenet.pth/.pte); return (zip, grade).
+
+    ``int8``: the zip's ``model/mobilenet.pte`` is ``model_dir/mobilenet.int8.pte``, the int8 program
+    (the lab's runner takes it as it takes the fp32 one: same input, same output, all in XNNPACK).
+    """
     from .data import TEST_BIN, find_data_dir
     from .evaluate import grade
-    from .export import check_pte_matches
+    from .export import INT8_PTE, check_pte_matches, check_int8_pte_matches
     from .models import load_pickled_model
 
     if not re.fullmatch(r"[A-Za-z0-9_-]+", student_id):
         raise MobilepruneError(f"student id {student_id!r} must be letters, digits, '_' or '-'")
     model_dir = Path(model_dir)
-    pth, pte = model_dir / "mobilenet.pth", model_dir / "mobilenet.pte"
+    pth, pte = model_dir / "mobilenet.pth", model_dir / (INT8_PTE if int8 else "mobilenet.pte")
     for path in (pth, pte):
         if not path.is_file():
-            raise MobilepruneError(f"{path}: no such file (export the model first: mobileprune export MODEL --out DIR)")
+            how = "mobileprune export MODEL --out DIR" + (" --int8" if int8 else "")
+            raise MobilepruneError(f"{path}: no such file (export the model first: {how})")
     model = load_pickled_model(pth)  # refuses anything but a torchvision MobileNetV2
-    check_pte_matches(model, pte)  # refuses a .pte that is not this .pth
+    if int8:  # refuses an int8 .pte that is not this .pth, on real (training) images
+        check_int8_pte_matches(model, pte, find_data_dir(data))
+    else:
+        check_pte_matches(model, pte)  # refuses a .pte that is not this .pth
     members = {"model/mobilenet.pth": pth, "model/mobilenet.pte": pte}
     notes = []
     runner = Path(runner) if runner else DEFAULT_RUNNER

@@ -110,7 +110,7 @@ def run_demo(recipe: dict, data_dir: str | Path, out_root: str | Path, device: s
     from .channel import ScheduleConfig, run_schedule
     from .data import load_cifar10
     from .evaluate import format_grade, save_grade
-    from .export import export_pte
+    from .export import INT8_PTE, export_pte
     from .models import load_model
     from .package import package
     from .recipes import section
@@ -129,11 +129,13 @@ def run_demo(recipe: dict, data_dir: str | Path, out_root: str | Path, device: s
     save_grade(graded, root)
     log(format_grade(graded))
 
-    log(f"[2/4] timing the hand-in's .pte against the dense model's ({baseline_path})")
+    log(f"[2/4] timing the hand-in's .pte (and its int8 program, when released) against the dense model's "
+        f"({baseline_path})")
     dense_pte = root / "dense.pte"
     if not dense_pte.is_file():
         export_pte(load_model(baseline_path), dense_pte)
-    timings = bench([dense_pte, hand_in / "mobilenet.pte"], warmup=5, repeats=int(demo.get("bench_repeats", 30)))
+    programs = [dense_pte, hand_in / "mobilenet.pte"] + [p for p in [hand_in / INT8_PTE] if p.is_file()]
+    timings = bench(programs, warmup=5, repeats=int(demo.get("bench_repeats", 30)))
     (root / "bench.txt").write_text(format_bench(timings) + "\n")
     log(format_bench(timings))
 
