@@ -199,9 +199,11 @@ from mobileprune.models import build_mobilenet_v2
 
 # Latency does not depend on the weights' values: a freshly built dense model times the same.
 # Timed first, before this process loads a .pte (each timing runs in a fresh process anyway).
+# The int8 program (export --int8), when there is one, is timed in the same interleaved rounds.
+programs = [handin / "mobilenet.pte"] + [p for p in [handin / "mobilenet.int8.pte"] if p.is_file()]
 with tempfile.TemporaryDirectory() as tmp:
     dense_pte = export_pte(build_mobilenet_v2().eval(), Path(tmp) / "dense.pte", check=False)
-    timings = bench([dense_pte, handin / "mobilenet.pte"], threads=(1,), warmup=5, repeats=30)
+    timings = bench([dense_pte, *programs], threads=(1,), warmup=5, repeats=30)
 print(format_bench(timings))"""),
     ("code", """from mobileprune.export import PteModel, check_pte_matches
 
@@ -227,6 +229,13 @@ hand-in folder (the `.pte`'s accuracy under the runner's resize):"""),
     ("code", """grade = json.loads((RESULTS / "grade.json").read_text())
 print((RESULTS / "grade.txt").read_text())
 print(f"score recomputed: {lab_score(grade['mflops'], grade['score_accuracy']):.2f} %")"""),
+    ("md", """### Beside the hand-in: its int8 program
+`mobileprune export --int8` quantizes the same model after training (int8 weights per channel,
+activations calibrated on training images) into one XNNPACK program that takes and returns floats,
+so the lab's runner runs it as it runs the fp32 one; `mobileprune grade --int8` grades it the same
+way. Its grade, when there is one:"""),
+    ("code", """int8_grade = handin / "grade.int8.txt"
+print(int8_grade.read_text() if int8_grade.is_file() else "no int8 grade here (mobileprune grade DIR --int8 --save DIR)")"""),
     ("md", """### Where the hand-in stands
 Test accuracy against MFLOPs of every result here, beside the public hand-ins of this lab, the 92 %
 bar and the lab score's contour lines; the star is the hand-in. Drawn from the results' files, as

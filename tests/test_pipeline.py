@@ -237,7 +237,7 @@ def test_stage_folders_are_told_apart_by_their_summaries(tmp_path):
     stages = {kind: [p.name for p in paths] for kind, paths in find_stages(tmp_path).items()}
     assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-avg", "prune-more"],
                       "recover": ["more", "prune-more"], "average": ["avg", "prune-avg"], "distill": ["dist"],
-                      "grade": []}
+                      "grade": [], "grade.int8": []}
 
 
 def test_progress_off_a_terminal_is_one_plain_line_per_epoch(tmp_path):

@@ -42,3 +42,17 @@ def test_the_contours_are_the_lab_score_and_the_reference_points_are_the_public_
     assert lab_score(26.33, 0.9232) == pytest.approx(50.42, abs=0.01)  # the best public hand-in, 50.4
     assert lab_score(44.84, 0.892) == pytest.approx(32.45, abs=0.01)  # ours before this release, 32.5
     assert (26.33, 0.9232) in PUBLIC_HAND_INS and len(PUBLIC_HAND_INS) == 4
+
+
+def test_the_report_shows_the_int8_grade_beside_the_fp32_one_and_the_latency_file(tmp_path):
+    write(tmp_path / "prune", "grade.json", GRADE)
+    write(tmp_path / "prune", "grade.int8.json", {**GRADE, "score": 32.94,
+                                                  "pte_accuracy": {"torchvision": 0.8893, "runner": 0.8931}})
+    (tmp_path / "prune" / "grade.int8.txt").write_text(".int8.pte         0.8893       0.8931\n")
+    (tmp_path / "bench.txt").write_text("# mobileprune bench a.pte b.pte\nmodel  kind\n")
+    report = write_report(tmp_path, plots=False).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| `prune`")]
+    assert rows == ["| `prune` | 44.80 | 0.8918 | 0.8941 | 10000 | 33.39 % |",
+                    "| `prune` int8 | 44.80 | 0.8893 | 0.8931 | 10000 | 32.94 % |"]
+    assert "`prune` int8:" in report and ".int8.pte         0.8893" in report
+    assert "## Latency" in report and "# mobileprune bench a.pte b.pte" in report

@@ -144,19 +144,20 @@ def _bench_runner(runner: Path, path: str, threads: int, warmup: int, repeats: i
 
 def bench(paths: list[str | Path], threads: tuple[int, ...] | None = None, warmup: int = 10, repeats: int = 50,
           trust_pickle: bool = False, runner: str | Path | None = None, data: str | Path | None = None,
-          rounds: int = 5) -> list[Latency]:
+          rounds: int | None = None) -> list[Latency]:
     """Latency of each model file (``.pte`` through ExecuTorch, anything else eager) at each thread count.
 
     At each thread count every file runs in a fresh process of its own: ExecuTorch's XNNPACK thread
     pool aborts or deadlocks when resized after use or when torch's OpenMP pool ran before it in the
     same process, so each pool is sized before its first use. The processes are timed in turns,
-    ``rounds`` blocks of ``repeats / rounds`` runs each (one at a time, the order rotated every
-    round), so that machine noise hits every model alike; the figures are the median and 90th
+    ``rounds`` blocks of ``repeats / rounds`` runs each (five, or one per run when there are fewer;
+    one process at a time, the order rotated every round), so that machine noise hits every model alike; the figures are the median and 90th
     percentile of all of a model's runs. With ``runner`` (``build/xnn_executor_runner``), each
     ``.pte`` is also timed by the native runner on real test images from ``data``: the C++ path a
     Raspberry Pi would run.
     """
     threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
+    rounds = min(5, repeats) if rounds is None else rounds
     if not 1 <= rounds <= repeats:
         raise MobilepruneError(f"rounds {rounds} must be between 1 and the number of timed runs ({repeats})")
     if runner is not None:

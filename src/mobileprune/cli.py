@@ -102,15 +102,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_int8_args(p: argparse.ArgumentParser) -> None:
-    from .export import CALIBRATION_IMAGES
+    from .export import CALIBRATION_IMAGES, INT8_OBSERVER
 
     p.add_argument("--int8", action="store_true",
                    help="also write model/mobilenet.int8.pte: post-training int8 (per-channel symmetric weights, "
                         "activations calibrated on training images), checked against the eager int8 model")
     p.add_argument("--calibration", type=_positive, default=CALIBRATION_IMAGES,
                    help=f"training images to calibrate int8 activations on (default {CALIBRATION_IMAGES:,})")
-    p.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
-                   help="int8 activation ranges: histogram (least quantization error, default) or minmax")
+    p.add_argument("--observer", choices=("histogram", "minmax"), default=INT8_OBSERVER,
+                   help=f"int8 activation ranges: minmax (the observed range) or histogram (least quantization "
+                        f"error, outliers clipped); default {INT8_OBSERVER}, chosen on validation")
     p.add_argument("--keep-fp32", type=_module_names, default=(), metavar="MODULES",
                    help="comma-separated modules whose operators stay fp32 in the int8 program, e.g. "
                         "features.0,classifier")
@@ -320,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
     p.add_argument("--warmup", type=_positive, default=10, help="untimed runs first (default 10)")
     p.add_argument("--repeats", type=_positive, default=50, help="timed runs of each model (default 50)")
-    p.add_argument("--rounds", type=_positive, default=5,
-                   help="the timed runs come in this many rounds, the models taking turns (default 5)")
+    p.add_argument("--rounds", type=_positive, default=None,
+                   help="the timed runs come in this many rounds, the models taking turns (default 5, "
+                        "or one per run when there are fewer runs)")
     p.add_argument("--runner", help="also time each .pte through this native runner (e.g. build/xnn_executor_runner)")
     p.add_argument("--profile", action="store_true",
                    help="instead, time each .pte's operators (ExecuTorch's ETDump), summed by XNNPACK operator "

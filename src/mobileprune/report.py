@@ -211,15 +211,17 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # ----------------------------------------------------------------------------- reports from a folder
 # A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
 # relative_size_after, the baseline best_epoch, `mobileprune recover` val_before, `mobileprune
-# average` val_by_fraction. A hand-in grade is grade.json.
+# average` val_by_fraction. A hand-in grade is grade.json, its int8 program's grade.int8.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
               "recover": "val_before", "average": "val_by_fraction", "distill": "students"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
 RELEASE_FILES = ("summary.json", "summary.md", "history.csv", "schedule.csv", "channels.csv", "sensitivity.json",
-                 "sparsity.json", "weights.json", "grade.json", "grade.txt", "plots/*.png", "*.png")
-RELEASE_MODELS = ("mobilenet.pth", "mobilenet.pte", "mobilenet.pt", "mobilenet.layout.json")
+                 "sparsity.json", "weights.json", "grade.json", "grade.txt", "grade.int8.json", "grade.int8.txt",
+                 "plots/*.png", "*.png")
+RELEASE_MODELS = ("mobilenet.pth", "mobilenet.pte", "mobilenet.pt", "mobilenet.layout.json", "mobilenet.int8.pte",
+                  "mobilenet.int8.json")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -240,11 +242,12 @@ def stage_kinds(summary: dict) -> list[str]:
 def find_stages(root: str | Path) -> dict[str, list[Path]]:
     """Stage folders under ``root`` (itself included), by kind, and the folders holding a grade.json."""
     root = Path(root)
-    found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade")}
+    found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade", "grade.int8")}
     for path in sorted(root.rglob("summary.json")):
         for kind in stage_kinds(_read_json(path) or {}):
             found[kind].append(path.parent)
-    found["grade"] = sorted(p.parent for p in root.rglob("grade.json") if _read_json(p))
+    for grade in ("grade", "grade.int8"):
+        found[grade] = sorted(p.parent for p in root.rglob(f"{grade}.json") if _read_json(p))
     return found
 
 
@@ -368,7 +371,7 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
         raise MobilepruneError(f"{root}: no such folder")
     stages = find_stages(root)
     if plots:
-        for stage in sorted({stage for kind, found in stages.items() if kind != "grade" for stage in found}):
+        for stage in sorted({stage for kind, found in stages.items() if kind in STAGE_KEYS for stage in found}):
             draw_plots(stage)
     lines = [f"# mobileprune report: `{root}`", "",
              f"Written by `mobileprune report {root}` from the summaries, tables and channel layouts the stages "
@@ -450,20 +453,29 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
             if (stage / "average.png").is_file():
                 lines += [f"![validation along the interpolation]({_label(stage, root)}/average.png)", ""]
 
-    if stages["grade"]:
-        lines += ["## Hand-ins, graded as the lab does", "",
-                  "| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
+    graded = [(folder, "grade", "") for folder in stages["grade"]] + \
+        [(folder, "grade.int8", " int8") for folder in stages["grade.int8"]]
+    if graded:
+        lines += ["## Hand-ins, graded as the lab does", ""]
+        if stages["grade.int8"]:
+            lines += ["The int8 rows grade `mobilenet.int8.pte` (`mobileprune export --int8`) exactly as the fp32 "
+                      "program, against the same `.pth`.", ""]
+        lines += ["| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
                   "|---|---|---|---|---|---|"]
-        for folder in stages["grade"]:
-            g = _read_json(folder / "grade.json")
+        for folder, stem, program in sorted(graded, key=lambda item: (str(item[0]), item[1])):
+            g = _read_json(folder / f"{stem}.json")
             pte = g.get("pte_accuracy") or {}
-            lines.append(f"| `{_label(folder, root)}` | {g['mflops']:.2f} | {_fmt(pte.get('torchvision'))} | "
+            lines.append(f"| `{_label(folder, root)}`{program} | {g['mflops']:.2f} | {_fmt(pte.get('torchvision'))} | "
                          f"{_fmt(pte.get('runner'))} | {g['images']} | {_fmt(g.get('score'), '.2f')} % |")
         lines.append("")
-        for folder in stages["grade"]:
-            if (folder / "grade.txt").is_file():
-                lines += [f"`{_label(folder, root)}`:", "", "```", (folder / "grade.txt").read_text().rstrip(), "```",
-                          ""]
+        for folder, stem, program in graded:
+            if (folder / f"{stem}.txt").is_file():
+                lines += [f"`{_label(folder, root)}`{program}:", "", "```", (folder / f"{stem}.txt").read_text().rstrip(),
+                          "```", ""]
+    if (root / "bench.txt").is_file():
+        lines += ["## Latency", "", "One image through ExecuTorch/XNNPACK, the programs timed in interleaved rounds "
+                  "(`mobileprune bench`; the command and the machine are the file's first lines):", "", "```",
+                  (root / "bench.txt").read_text().rstrip(), "```", ""]
     path = root / "REPORT.md"
     path.write_text("\n".join(lines))
     return path
