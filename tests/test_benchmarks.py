@@ -67,3 +67,25 @@ def test_commands_share_one_way_of_ending(capsys):
     assert exit_code("tool", lambda: None) == 0 and capsys.readouterr().err == ""
     assert exit_code("tool", fail) == 2 and capsys.readouterr().err == "tool: error: x.pt: no such file\n"
     assert exit_code("tool", interrupt) == 130 and capsys.readouterr().err == "tool: interrupted\n"
+
+
+def test_int8_layouts_rounds_every_channel_count_and_keeps_the_network_whole(tmp_path, capsys):
+    from mobileprune.models import channel_layout, model_from_layout
+
+    from conftest import tp_pruned_model
+
+    script = load_script("int8_layouts")
+    layout = channel_layout(tp_pruned_model(seed=0))
+    for multiple in (8, 16):
+        rounded = script.rounded_layout(layout, multiple)["layers"]
+        assert rounded["features.0.0"]["in"] == 3 and rounded["classifier.1"]["out"] == 10
+        counts = [v for name, shape in rounded.items() for key, v in shape.items()
+                  if (name, key) not in (("features.0.0", "in"), ("classifier.1", "out")) and (key, v) != ("groups", 1)]
+        assert all(count % multiple == 0 and count >= multiple for count in counts)
+        model = model_from_layout(script.rounded_layout(layout, multiple)).eval()
+        with torch.no_grad():  # depthwise groups, residual adds and the classifier all still fit together
+            assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert script.main([str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert script.main(["--multiple", "0"]) == 2
+    assert "--multiple 0: whole numbers from 1" in capsys.readouterr().err
