@@ -151,8 +151,8 @@ def bench(paths: list[str | Path], threads: tuple[int, ...] | None = None, warmu
     pool aborts or deadlocks when resized after use or when torch's OpenMP pool ran before it in the
     same process, so each pool is sized before its first use. The processes are timed in turns,
     ``rounds`` blocks of ``repeats / rounds`` runs each (five, or one per run when there are fewer;
-    one process at a time, the order rotated every round), so that machine noise hits every model alike; the figures are the median and 90th
-    percentile of all of a model's runs. With ``runner`` (``build/xnn_executor_runner``), each
+    one process at a time, the order rotated every round), so that machine noise hits every model
+    alike; the figures are the median and 90th percentile of all of a model's runs. With ``runner`` (``build/xnn_executor_runner``), each
     ``.pte`` is also timed by the native runner on real test images from ``data``: the C++ path a
     Raspberry Pi would run.
     """

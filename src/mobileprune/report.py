@@ -214,6 +214,8 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # average` val_by_fraction. A hand-in grade is grade.json, its int8 program's grade.int8.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
               "recover": "val_before", "average": "val_by_fraction", "distill": "students"}
+# A graded hand-in's files (stem.json, stem.txt) and how the report names its row.
+GRADE_STEMS = {"grade": "", "grade.int8": " int8"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
 # models (a few MB). Not the dense-sized models (baseline, Part 1's sparse model: 9 MB each, kept
 # in runs/), the hand-in copy under submission/, or the per-epoch checkpoints only resuming needs.
@@ -242,12 +244,12 @@ def stage_kinds(summary: dict) -> list[str]:
 def find_stages(root: str | Path) -> dict[str, list[Path]]:
     """Stage folders under ``root`` (itself included), by kind, and the folders holding a grade.json."""
     root = Path(root)
-    found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, "grade", "grade.int8")}
+    found: dict[str, list[Path]] = {kind: [] for kind in (*STAGE_KEYS, *GRADE_STEMS)}
     for path in sorted(root.rglob("summary.json")):
         for kind in stage_kinds(_read_json(path) or {}):
             found[kind].append(path.parent)
-    for grade in ("grade", "grade.int8"):
-        found[grade] = sorted(p.parent for p in root.rglob(f"{grade}.json") if _read_json(p))
+    for stem in GRADE_STEMS:
+        found[stem] = sorted(p.parent for p in root.rglob(f"{stem}.json") if _read_json(p))
     return found
 
 
@@ -453,8 +455,8 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
             if (stage / "average.png").is_file():
                 lines += [f"![validation along the interpolation]({_label(stage, root)}/average.png)", ""]
 
-    graded = [(folder, "grade", "") for folder in stages["grade"]] + \
-        [(folder, "grade.int8", " int8") for folder in stages["grade.int8"]]
+    # One order for the table and the grades below it: by folder, each fp32 grade before its int8 one.
+    graded = sorted((folder, stem, program) for stem, program in GRADE_STEMS.items() for folder in stages[stem])
     if graded:
         lines += ["## Hand-ins, graded as the lab does", ""]
         if stages["grade.int8"]:
@@ -462,7 +464,7 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                       "program, against the same `.pth`.", ""]
         lines += ["| hand-in | MFLOPs | `.pte` accuracy (torchvision resize) | (runner resize) | test images | score |",
                   "|---|---|---|---|---|---|"]
-        for folder, stem, program in sorted(graded, key=lambda item: (str(item[0]), item[1])):
+        for folder, stem, program in graded:
             g = _read_json(folder / f"{stem}.json")
             pte = g.get("pte_accuracy") or {}
             lines.append(f"| `{_label(folder, root)}`{program} | {g['mflops']:.2f} | {_fmt(pte.get('torchvision'))} | "
