@@ -1,4 +1,5 @@
 """The benchmark scripts' handling of bad input (their figures come from real runs, not tests)."""
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -89,3 +90,21 @@ def test_int8_layouts_rounds_every_channel_count_and_keeps_the_network_whole(tmp
     assert "missing.pth" in capsys.readouterr().err
     assert script.main(["--multiple", "0"]) == 2
     assert "--multiple 0: whole numbers from 1" in capsys.readouterr().err
+
+
+def test_fp16_program_keeps_a_float_interface_and_refuses_bad_input(tmp_path, capsys):
+    script = load_script("fp16_program")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    half = script.HalfPrecision(copy.deepcopy(model))
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, reference = half(images), model(images)
+    assert logits.dtype == torch.float32  # what the lab's runner reads back
+    assert (logits - reference).abs().max() <= script.FP16_TOLERANCE * reference.abs().max()
+    assert script.main([str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "missing.pth"), "--repeats", "4", "--rounds", "5"]) == 2
+    assert "--repeats 4 --rounds 5: 1 ≤ rounds ≤ repeats" in capsys.readouterr().err
