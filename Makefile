@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 RECIPE ?= demo
 
-.PHONY: run test venv clean runner runner-aarch64 test-aarch64 notebook
+.PHONY: run test venv clean runner runner-aarch64 test-aarch64 pi-kit notebook
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ runner-aarch64: venv
 
 test-aarch64: venv runner
 	PY=$(PY) runner/aarch64.sh test
+
+# build/pi-kit.tar.gz: the aarch64 runner, its libraries, runner/bench.sh, the test file and the
+# released programs, to time them on a Raspberry Pi in one command (runner/aarch64.sh says how).
+pi-kit: venv
+	PY=$(PY) runner/aarch64.sh kit
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -88,3 +88,79 @@ def test_grade_runs_the_native_runner_beside_the_python_runtime(runner, pruned_m
     result = grade(tmp_path, data=folder, limit=200, runner=runner, progress=False)
     assert result.runner_accuracy == pytest.approx(result.pte_accuracy["torchvision"], abs=1e-4)
     assert "the lab's command" in format_grade(result) and not any("native runner printed" in n for n in result.notes)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "runner" / "bench.sh"
+
+
+def bench_script(*args, **env):
+    import os
+    return subprocess.run(["bash", str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **{key: str(value) for key, value in env.items()}})
+
+
+def test_bench_script_times_programs_side_by_side_through_the_runner(runner, pruned_pte, tmp_path):
+    # runner/bench.sh is what a Raspberry Pi runs (runner/aarch64.sh kit); here it drives the x86-64 build.
+    write_cifar_bin(tmp_path / "test_batch.bin", 12)
+    for name in ("a.pte", "b.pte"):
+        shutil.copy(pruned_pte, tmp_path / name)
+    out = bench_script("--threads", "1 2", "--runs", 2, "--rounds", 2, "--accuracy", tmp_path / "a.pte",
+                       tmp_path / "b.pte", RUNNER=runner, DATA=tmp_path / "test_batch.bin")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("# ") and "cores" in lines[0] and lines[1].startswith("# bench.sh --threads \"1 2\"")
+    rows = [line.split() for line in lines[3:7]]
+    assert [(Path(row[0]).name, row[1]) for row in rows] == [("a.pte", "1"), ("a.pte", "2"), ("b.pte", "1"),
+                                                             ("b.pte", "2")]
+    assert all(float(row[2]) > 0 for row in rows) and rows[0][4] == rows[1][4] == "1.00x"
+    accuracy = run(runner, "--model_path", tmp_path / "a.pte", "--data", tmp_path / "test_batch.bin").stdout
+    assert lines[7:] == [f"{tmp_path / name}: {accuracy.splitlines()[-1]}" for name in ("a.pte", "b.pte")]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no programs given"),
+    (["--runs", "0", "{pte}"], "--runs 0: a whole number from 1"),
+    (["--runs", "2", "--rounds", "3", "{pte}"], "--rounds 3 is more than --runs 2"),
+    (["--threads", "one", "{pte}"], "--threads one: a whole number from 1"),
+    (["--fast", "{pte}"], "unknown option --fast"),
+    (["{tmp}/missing.pte"], "missing.pte: no such file"),
+    (["{tmp}/test_batch.bin"], "the runner failed"),
+    (["--runs", "1", "{pte}"], "the runner timed nothing"),  # 5 images: fewer than the 10 of warm-up
+])
+def test_bench_script_bad_input_is_one_line(runner, pruned_pte, tmp_path, args, message):
+    write_cifar_bin(tmp_path / "test_batch.bin", 5)
+    args = [arg.format(pte=pruned_pte, tmp=tmp_path) for arg in args]
+    out = bench_script(*args, RUNNER=runner, DATA=tmp_path / "test_batch.bin")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("bench.sh: error: ") and message in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_pi_kit_holds_the_aarch64_runner_its_libraries_the_test_file_and_the_programs(pruned_pte, tmp_path):
+    import os
+    import tarfile
+
+    write_cifar_bin(tmp_path / "data" / "test_batch.bin", 3)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "runner/aarch64.sh", "kit", str(pruned_pte)], cwd=root, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "DATA_DIR": str(tmp_path / "data"),
+                                                      "KIT_DIR": str(tmp_path / "pi-kit"),
+                                                      "PY": str(Path(os.sys.executable))})
+    assert out.returncode == 0, out.stderr
+    with tarfile.open(tmp_path / "pi-kit.tar.gz") as tar:
+        names = set(tar.getnames())
+        runner_binary = tar.extractfile("pi-kit/xnn_executor_runner").read()
+    programs = [name for name in names if name.startswith("pi-kit/models/")]
+    assert programs == [f"pi-kit/models/1-{pruned_pte.parent.name}.{pruned_pte.name}"]
+    assert {"pi-kit/bench.sh", "pi-kit/data/test_batch.bin", "pi-kit/lib/libexecutorch.so",
+            "pi-kit/lib/libexecutorch_backend_xnnpack.so"} <= names
+    assert runner_binary[:4] == b"\x7fELF" and runner_binary[18] == 0xB7  # e_machine: AArch64
+    missing = subprocess.run(["bash", "runner/aarch64.sh", "kit", str(tmp_path / "none.pte")], cwd=root,
+                             capture_output=True, text=True, env={**os.environ, "DATA_DIR": str(tmp_path / "data")})
+    assert missing.returncode == 2 and "none.pte: no such file" in missing.stderr
+
+
+def test_bench_script_help_is_its_header():
+    out = bench_script("--help")
+    assert out.returncode == 0 and out.stdout.startswith("Time .pte programs through the lab's native runner")
+    assert out.stdout.rstrip().endswith("as `runner/aarch64.sh kit` lays them out).") and "set -e" not in out.stdout
