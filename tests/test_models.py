@@ -66,6 +66,30 @@ def test_state_dict_and_layout_rebuild_a_pruned_model_without_pickle(tmp_path, p
     assert rebuilt.features[1].conv[0][0].out_channels < 32  # really pruned
 
 
+def test_a_stem_stride_is_recorded_in_the_layout_and_rebuilt(tmp_path):
+    from mobileprune.evaluate import count_mflops
+
+    dense = models.build_mobilenet_v2()
+    models._STRIDES.clear()  # the reference strides are built on first use: without a draw from torch's generator
+    torch.manual_seed(0)
+    dense_layers = models.channel_layout(dense)["layers"]
+    drawn_after_layout = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn_after_layout, torch.rand(3))  # so a resumed run draws what an unbroken one drew
+    assert not any("stride" in shape for shape in dense_layers.values())  # older layout files stay as they were
+    model = models.set_stem_stride(models.build_mobilenet_v2(), 7)
+    layers = models.channel_layout(model)["layers"]
+    assert {name for name, shape in layers.items() if "stride" in shape} == {"features.0.0"}
+    rebuilt = models.load_state_with_layout(models.save_state_with_layout(model, tmp_path, "s7")[0])
+    assert rebuilt.features[0][0].stride == (7, 7)
+    assert count_mflops(rebuilt)[0] == pytest.approx(26.050058)  # 318.97 at torchvision's stride 2
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+    for bad in (0, 17, 2.5, True):
+        with pytest.raises(MobilepruneError, match="stem stride must be a whole number"):
+            models.set_stem_stride(models.build_mobilenet_v2(), bad)
+
+
 def test_layout_that_does_not_fit_its_weights(tmp_path, pruned_model):
     weights, _ = models.save_state_with_layout(pruned_model, tmp_path, "pruned")
     models.save_state_with_layout(models.build_mobilenet_v2(), tmp_path, "dense")

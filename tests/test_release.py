@@ -46,6 +46,22 @@ def test_hand_in_grades_as_stated():
     assert measured == pytest.approx(stated["pte_accuracy"]["runner"], abs=1e-4)
 
 
+def test_stem_stride_point_counts_and_grades_as_stated():
+    """release/stem-stride-20 (stem at stride 7, then channel pruning; docs/method.md): 19.85 MFLOPs, its
+    fp16-stored weights re-measured on the real test set, its int8 program within half a point."""
+    data = real_data_or_skip()
+    folder = RELEASE / "stem-stride-20"
+    stated = stated_grade(folder / "grade.json", folder)
+    model = load_model(folder / "mobilenet.pt")
+    assert model.features[0][0].stride == (7, 7) and stated["mflops"] == pytest.approx(19.853696, abs=1e-6)
+    assert stated["pth_accuracy"] == stated["pte_accuracy"]  # the .pte, exported from these weights, agrees
+    images, labels = load_split(data, "test")
+    measured = accuracy(model, images, labels, "runner", progress=False)
+    assert measured == pytest.approx(stated["pth_accuracy"]["runner"], abs=1e-4)
+    int8 = json.loads((folder / "grade.int8.json").read_text())
+    assert abs(int8["score_accuracy"] - stated["score_accuracy"]) <= 0.005
+
+
 def test_the_hand_in_s_record_and_the_runs_before_it_count_as_stated():
     """prune-45 (lab2-45 before `recover`), prune-recover (after it) and prune-20 (recipe lab2-20, wholly on
     the GPU), graded when they were released; the hand-in's record is prune-45's schedule, one recover
@@ -107,13 +123,16 @@ def test_baseline_rebuilds_from_its_state_dict():
     assert summary["test_accuracy"] == pytest.approx(0.9348, abs=1e-4)
 
 
-def test_the_tracked_release_stays_small_enough_to_travel_beside_the_gpu_data():
-    """A device call carries at most 64 MiB: the tree plus two ~19-MiB CIFAR-10 parts (docs/gpu-runbook.md)."""
+def test_the_tracked_tree_stays_small_enough_to_travel_beside_two_data_parts():
+    """A device call carries at most 64 MiB: the tracked tree plus two CIFAR-10 parts (docs/gpu-runbook.md)."""
     import subprocess
 
-    tracked = subprocess.run(["git", "ls-files", "-z", "release"], cwd=RELEASE.parent, capture_output=True,
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=RELEASE.parent, capture_output=True,
                              text=True).stdout.split("\0")
     if not any(tracked):
         pytest.skip("not a git checkout")
     size = sum((RELEASE.parent / name).stat().st_size for name in tracked if name and (RELEASE.parent / name).is_file())
-    assert size <= 15_000_000, f"release/ is {size / 1e6:.1f} MB tracked"
+    # The largest part, b2 with its copy of the unpacker, as `python3 ../shared/tools/gpu_data.py pack
+    # ../shared/data/cifar-10-batches-bin .gpu-data` wrote it on 2026-12-04; 2 MB kept spare.
+    largest_part = 20_034_724 + 8_871
+    assert size + 2 * largest_part <= 64 * 2**20 - 2_000_000, f"the tracked tree is {size / 1e6:.1f} MB"

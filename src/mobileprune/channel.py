@@ -560,6 +560,10 @@ class StudentsConfig:
     # BatchNorm statistics re-estimated on this many training images after pruning (0: off)
     bn_recalibration_images: int = 1000
     val_images: int = 0  # validation images measured after pruning (0: all; a CPU may want fewer)
+    # > 0: the stem's stride is set to this before the cut (torchvision's is 2; at 7 the network sees
+    # 32-px maps of the 32-px picture, models.set_stem_stride); 0: the start's stem as it is. A
+    # student whose stem is not torchvision's is named for it (student-20-stride7).
+    stem_stride: int = 0
 
     @classmethod
     def from_dict(cls, values: dict) -> "StudentsConfig":
@@ -567,6 +571,9 @@ class StudentsConfig:
         for name in ("bn_recalibration_images", "val_images"):
             check_image_count(values.get(name, 0), f"[students] {name}")
         config = cls(**values)
+        if config.stem_stride:
+            from .models import build_mobilenet_v2, set_stem_stride
+            set_stem_stride(build_mobilenet_v2(), config.stem_stride)  # the range check, before any work
         targets = config.targets
         if not isinstance(targets, list) or not targets or not all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in targets):
@@ -575,8 +582,9 @@ class StudentsConfig:
         return config
 
 
-def student_name(target: float) -> str:
-    return f"student-{target:g}"
+def student_name(target: float, stem_stride: int = 2) -> str:
+    """``student-20``; ``student-20-stride7`` for a stem other than torchvision's (stride 2)."""
+    return f"student-{target:g}" + (f"-stride{stem_stride}" if stem_stride != 2 else "")
 
 
 def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir: str | Path, device: str = "cpu",
@@ -591,12 +599,15 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
     there is not pruned again.
     """
     from .evaluate import accuracy
-    from .models import save_state_with_layout
+    from .models import save_state_with_layout, set_stem_stride
     from .train import recalibrate_batchnorm
 
     out = Path(out_dir)
     prune_config = PruneStepConfig.from_dict(config.prune)
+    if config.stem_stride:  # the same weights, the stem downsampling harder: its statistics are re-estimated
+        baseline = set_stem_stride(copy.deepcopy(baseline), config.stem_stride)
     start_mflops = count_mflops(baseline.cpu().eval())[0]
+    stem_stride = baseline.features[0][0].stride[0]  # set here, or already in the start's layout
     too_big = [t for t in config.targets if t >= start_mflops]
     if too_big:
         raise MobilepruneError(f"student targets {too_big} MFLOPs are not below the starting model's "
@@ -604,7 +615,7 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
     records = []
     jobs = [(round(start_mflops, 2), None)] if keep_start else []
     for target, cut in jobs + [(t, t) for t in sorted(config.targets, reverse=True)]:
-        folder = out / student_name(target)
+        folder = out / student_name(target, stem_stride)
         if (folder / "student.json").is_file():
             records.append(json.loads((folder / "student.json").read_text()))
             continue
@@ -612,16 +623,18 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
             model, recalibration = copy.deepcopy(baseline).cpu().eval(), 0
         else:
             model = prune_to_mflops(baseline, cut, prune_config, data, device)
+        if cut is not None or config.stem_stride:
             recalibration = min(config.bn_recalibration_images, len(data.train_labels))
             recalibrate_batchnorm(model, data.train_images[:recalibration], INPUT_SIZE, device=device)
         limit = config.val_images or None
         val = accuracy(model, data.val_images[:limit], data.val_labels[:limit], device=device, progress=progress,
-                       desc=student_name(target))
+                       desc=student_name(target, stem_stride))
         mflops, params = count_mflops(model.cpu())
         save_state_with_layout(model, folder, "mobilenet")
         record = {"target_mflops": target, "mflops": mflops, "params": params, "val_accuracy": val,
                   "val_images": len(data.val_labels[:limit]), "bn_recalibration_images": recalibration,
                   "start": start, "start_mflops": start_mflops, "pruned": cut is not None,
+                  "stem_stride": stem_stride,
                   "prune": config.prune if cut is not None else None}
         write_json(folder / "student.json", record)
         records.append(record)

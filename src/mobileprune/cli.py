@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_positive_float, nargs="+", help="MFLOPs targets (overrides the recipe's)")
     p.add_argument("--with-start", action="store_true", help="also add the --baseline model itself, unpruned, as a "
                                                              "student (one already pruned and trained, say)")
+    p.add_argument("--stem-stride", type=_positive, help="set the stem's stride before the cut (torchvision's is 2; 7 "
+                                                   "hands the network 32-px maps of the 32-px picture)")
 
     p = sub.add_parser("teacher", help="train the 32-px teacher alone (what `mobileprune distill` trains first)")
     p.add_argument("--recipe", default="distill", help="recipe with a [teacher] table (default: distill)")
@@ -571,6 +573,8 @@ def cmd_students(args) -> None:
     settings = section(recipe, "students")
     if args.targets:
         settings["targets"] = list(args.targets)
+    if args.stem_stride is not None:
+        settings["stem_stride"] = args.stem_stride
     config = StudentsConfig.from_dict(settings)
     baseline = _baseline(args, recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "students")
@@ -580,8 +584,9 @@ def cmd_students(args) -> None:
                                keep_start=args.with_start, start=start)
     for r in records:
         how = "after pruning" if r.get("pruned", True) else "as it is"
-        print(f"{student_name(r['target_mflops'])}: {r['mflops']:.2f} MFLOPs, {r['params']:,} params, val "
-              f"{r['val_accuracy']:.4f} {how} ({r['val_images']:,} images)")
+        name = student_name(r["target_mflops"], r.get("stem_stride", 2))
+        print(f"{name}: {r['mflops']:.2f} MFLOPs, {r['params']:,} params, val {r['val_accuracy']:.4f} {how} "
+              f"({r['val_images']:,} images)")
     print(f"wrote {out}/student-*/ (mobilenet.pt + layout, student.json): `mobileprune distill --students {out}`")
 
 
@@ -653,7 +658,13 @@ def cmd_unpack(args) -> None:
         print(f"{s['student']}: {s['mflops']:.2f} MFLOPs, val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} "
               f"({s['test_images']:,} images), lab score by validation {lab_score(s['mflops'], s['val_accuracy']):.2f} %")
     best = choose_by_validation(summaries)
-    print(f"by validation the hand-in is {best['student']}: grade it with `mobileprune grade {args.out}/{best['student']}`")
+    if best:
+        print(f"by validation the hand-in is {best['student']}: grade it with `mobileprune grade "
+              f"{args.out}/{best['student']}`")
+    for stride in sorted({s.get("stem_stride", 2) for s in summaries} - {2}):
+        strided = choose_by_validation(summaries, stride)
+        print(f"beside it, the best with stem stride {stride} (not channel pruning alone, docs/method.md): "
+              f"{strided['student']}")
     print(f"report: {write_report(args.out, plots=True)}")
 
 

@@ -528,7 +528,8 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
              "device": str(device), "config": asdict(config), "students": {}}
     for s in trainees:
         best = s.history[s.best_epoch - 1] if s.best_epoch else {}
-        summary = {**{k: s.record[k] for k in ("target_mflops", "mflops", "params", "prune") if k in s.record},
+        summary = {**{k: s.record[k] for k in ("target_mflops", "mflops", "params", "prune", "stem_stride")
+                      if k in s.record},
                    "val_after_pruning": s.record.get("val_accuracy"), "val_accuracy": s.best_val,
                    "best_epoch": s.best_epoch, "kept": s.best_weights, "epochs": epoch,
                    "val_last": s.history[-1]["val_accuracy"] if s.history else None,
@@ -650,8 +651,10 @@ def finish_students(run: str | Path, test: tuple[torch.Tensor, torch.Tensor] | N
     return summaries
 
 
-def choose_by_validation(summaries: list[dict]) -> dict:
-    """The student a hand-in should be: the highest lab score computed with its *validation* accuracy."""
+def choose_by_validation(summaries: list[dict], stem_stride: int = 2) -> dict | None:
+    """The student with the highest lab score computed with its *validation* accuracy, among those whose
+    stem has ``stem_stride`` (torchvision's 2: the hand-in is channel pruning alone, docs/method.md)."""
     from .evaluate import lab_score
 
-    return max(summaries, key=lambda s: lab_score(s["mflops"], s["val_accuracy"]))
+    candidates = [s for s in summaries if s.get("stem_stride", 2) == stem_stride]
+    return max(candidates, key=lambda s: lab_score(s["mflops"], s["val_accuracy"])) if candidates else None

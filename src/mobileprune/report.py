@@ -310,9 +310,10 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 # The Part 2 table: each run's settings and results, as ``prune_rows`` gives them.
-PRUNE_COLUMNS = {"run": "", "target": "g", "MFLOPs": ".2f", "params": ",", "criterion": "", "global": "",
-                 "resolution weighting": "g", "round_to": "", "KD": "", "validation": ".4f", "test": ".4f",
-                 "test images": ""}
+# A stem stride other than torchvision's 2 is a change beyond channel pruning (models.set_stem_stride).
+PRUNE_COLUMNS = {"run": "", "target": "g", "MFLOPs": ".2f", "params": ",", "stem stride": "", "criterion": "",
+                 "global": "", "resolution weighting": "g", "round_to": "", "KD": "", "validation": ".4f",
+                 "test": ".4f", "test images": ""}
 
 
 def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]:
@@ -323,7 +324,8 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
         s = _read_json(stage / "summary.json")
         p = s.get("prune") or {}  # a student trained as it was has no pruning settings
         rows.append({"run": _label(stage, root), "target": s["target_mflops"], "MFLOPs": s["mflops"],
-                     "params": s.get("params"), "criterion": p.get("importance", "l2"),
+                     "params": s.get("params"), "stem stride": s.get("stem_stride", 2),
+                     "criterion": p.get("importance", "l2"),
                      "global": "yes" if p.get("global_pruning") else "no",
                      "resolution weighting": p.get("resolution_weighting", 0), "round_to": p.get("round_to") or 1,
                      "KD": "yes" if s.get("distill") else "no", "validation": s["val_accuracy"],
