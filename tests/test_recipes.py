@@ -39,3 +39,11 @@ def test_recipe_mistakes_are_named_at_load(tmp_path, table, message):
     with pytest.raises(MobilepruneError) as e:
         load_recipe(path)
     assert message in str(e.value) and "typo.toml" in str(e.value)
+
+
+def test_students_stem_stride_is_range_checked_when_the_recipe_loads():
+    from mobileprune.channel import StudentsConfig
+
+    assert StudentsConfig.from_dict({"stem_stride": 7}).stem_stride == 7
+    with pytest.raises(MobilepruneError, match="stem stride must be a whole number from 1 to 16"):
+        StudentsConfig.from_dict({"stem_stride": 40})

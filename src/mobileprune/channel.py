@@ -572,8 +572,8 @@ class StudentsConfig:
             check_image_count(values.get(name, 0), f"[students] {name}")
         config = cls(**values)
         if config.stem_stride:
-            from .models import build_mobilenet_v2, set_stem_stride
-            set_stem_stride(build_mobilenet_v2(), config.stem_stride)  # the range check, before any work
+            from .models import check_stem_stride
+            check_stem_stride(config.stem_stride)
         targets = config.targets
         if not isinstance(targets, list) or not targets or not all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in targets):

@@ -170,10 +170,14 @@ def set_stem_stride(model: mobilenetv2.MobileNetV2, stride: int) -> mobilenetv2.
     with every channel kept. It is still a torchvision MobileNetV2: the grader's count sees the real
     cost at 224 px.
     """
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= 16:
-        raise MobilepruneError(f"stem stride must be a whole number from 1 to 16 (got {stride!r})")
+    check_stem_stride(stride)
     model.features[0][0].stride = (stride, stride)
     return model
+
+
+def check_stem_stride(stride) -> None:
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= 16:
+        raise MobilepruneError(f"stem stride must be a whole number from 1 to 16 (got {stride!r})")
 
 
 def interpolate_models(first: nn.Module, second: nn.Module, fraction: float) -> nn.Module:
