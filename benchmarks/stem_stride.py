@@ -97,16 +97,17 @@ def run(args) -> dict:
         model = recalibrate_batchnorm(prune_to_mflops(model, args.target, PruneStepConfig(importance="l2")), calibration)
         record["val_after_prune"] = accuracy(model, data.val_images, data.val_labels)
         record["prune"] = {"importance": "l2", "global_pruning": False}
-        print(f"pruned to {count_mflops(model)[0]:.2f} MFLOPs: val {record['val_after_prune']:.4f}", flush=True)
     record["mflops"], record["params"] = count_mflops(model)
+    if "prune" in record:
+        print(f"pruned to {record['mflops']:.2f} MFLOPs: val {record['val_after_prune']:.4f}", flush=True)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup,
                          resize_variants=["torchvision", "runner"], kd_alpha=args.kd_alpha)
     result = train(model, data, config, args.out, teacher=dense if args.kd_alpha else None, device=args.device,
                    progress=False, desc=f"stride {args.stride}")
     record.update(val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch, epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, distill=args.kd_alpha > 0, kd_alpha=args.kd_alpha,
-                  train_images=len(data.train_labels),
-                  val_images=len(data.val_labels), seconds=round(time.time() - started, 1))
+                  train_images=len(data.train_labels), val_images=len(data.val_labels),
+                  seconds=round(time.time() - started, 1))
     write_json(args.out / "summary.json", record)
     print(f"best epoch {result.best_epoch}: val {result.best_val_accuracy:.4f} at {record['mflops']:.2f} MFLOPs "
           f"({record['seconds']:.0f} s); model: {args.out / 'best.pt'}", flush=True)
