@@ -15,15 +15,19 @@ import torch
 
 from conftest import make_cifar_dir, tp_pruned_model
 from mobileprune import distill
+from mobileprune.errors import ScheduleStopped
+from mobileprune.train import chunk
 from mobileprune.cli import main
-from mobileprune.data import load_cifar10
+from mobileprune.data import augment_views, load_cifar10, preprocess
 from mobileprune.errors import MobilepruneError
 from mobileprune.files import pack, read_csv, unpack
 from mobileprune.models import TeacherNet, load_teacher, save_teacher
 
-TINY_TEACHER = dict(widths=[8, 16, 16], depth=3, epochs=2, batch_size=40, eval_batch_size=50, lookahead=True)
+# fp32: runs compared with each other must not each measure their own precision ("auto", tested apart).
+TINY_TEACHER = dict(widths=[8, 16, 16], depth=3, epochs=2, batch_size=40, eval_batch_size=50, lookahead=True,
+                    bf16=False)
 TINY_STUDENTS = dict(budget_s=600, reserve_s=0, max_epochs=2, batch_size=20, lr=0.01, warmup=0.1, resolution=32,
-                     eval_batch_size=50, ema_decay=0.9)
+                     eval_batch_size=50, ema_decay=0.9, bf16=False)
 
 
 class FakeClock:
@@ -301,3 +305,96 @@ def test_distill_gpu_script_sets_up_from_carried_parts_runs_and_packs(tmp_path):
     assert {"teacher/teacher.pt", "student-100/mobilenet.pt", "student-150/history.csv", "summary.json", "last.pt",
             "distill.log"} <= names
     assert not any(name.startswith("teacher/last") for name in names)  # the teacher's optimiser stays there
+
+
+class _Clock:
+    """A fake clock that each call moves on by ``tick`` seconds: epochs take a known time."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_teacher_in_chunks_equals_one_unbroken_run(tmp_path, capsys):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=24, test=8), val_size=20)
+    config = distill.TeacherConfig.from_dict({**TINY_TEACHER, "epochs": 3})
+    _, whole = distill.train_teacher(data, config, tmp_path / "whole", progress=False)
+    # Chunks of 2.5 s on a clock that every read moves a second on: an epoch reads it several times,
+    # so each chunk ends after one epoch (the next would not fit), at the boundary, with its state kept.
+    chunks = 0
+    while not (tmp_path / "cut" / "summary.json").is_file():
+        chunks += 1
+        clock = _Clock(tick=1.0)
+        with chunk(2.5, clock=clock):
+            try:
+                _, cut = distill.train_teacher(data, config, tmp_path / "cut", progress=False, clock=clock)
+            except ScheduleStopped as e:
+                assert f"teacher after epoch {chunks} of 3" in str(e) and "Run the same command" in str(e)
+        assert chunks <= 3
+    assert chunks == 3
+    assert cut["steps"] == whole["steps"] and cut["val_accuracy"] == whole["val_accuracy"]
+    for a, b in zip(distill.load_teacher(tmp_path / "whole" / "teacher.pt").state_dict().values(),
+                    distill.load_teacher(tmp_path / "cut" / "teacher.pt").state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in read_csv(tmp_path / "cut" / "history.csv")] == \
+        [r["train_loss"] for r in read_csv(tmp_path / "whole" / "history.csv")]
+
+
+def test_epoch_lines_say_epoch_k_of_n_and_the_time_left(tmp_path, capsys):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=24, test=8), val_size=20)
+    config = distill.TeacherConfig.from_dict({**TINY_TEACHER, "epochs": 2})
+    distill.train_teacher(data, config, tmp_path / "t", progress=False, clock=_Clock(tick=60.0))
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "teacher epoch 1/2" in text and "min left" in text and "teacher epoch 2/2" in text
+
+
+def test_the_teacher_cache_holds_the_targets_of_every_view_and_is_refused_for_another_teacher(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=6, test=2), val_size=6, test=False)
+    images = data.train_images
+    teacher = TeacherNet([8, 16, 16], depth=2).eval()
+    path = tmp_path / "t" / "cache.pt"
+    for teacher_flip in (True, False):
+        cache = distill.build_teacher_cache(teacher, images, path.with_name(f"{teacher_flip}.pt"), translate=1,
+                                            teacher_flip=teacher_flip, bf16=False, batch_size=5, log=False)
+        assert cache.dtype == torch.float16 and cache.shape == (len(images), 3, 3, 1 if teacher_flip else 2, 10)
+        # What the students look up for a batch of views is what the teacher says of those views.
+        views, dy, dx, flipped = augment_views(images, torch.Generator().manual_seed(1), pad=1)
+        x = preprocess(views, 32)
+        expected = distill.teacher_logits(teacher, x, 1 if teacher_flip else 0)
+        looked_up = cache[torch.arange(len(images)), dy, dx, 0 if teacher_flip else flipped.long()].float()
+        assert torch.allclose(looked_up, expected, atol=2e-3, rtol=1e-2)
+        if teacher_flip:
+            first_cache = cache
+    # Built once: a second call reads it back; another teacher's weights are refused by digest.
+    again = distill.build_teacher_cache(teacher, images, path.with_name("True.pt"), 1, True, False, log=False)
+    assert torch.equal(again, first_cache)
+    with pytest.raises(MobilepruneError, match="another teacher"):
+        distill.build_teacher_cache(TeacherNet([8, 16, 16], depth=2), images, path.with_name("True.pt"), 1, True,
+                                    False, log=False)
+
+
+def test_the_teacher_cache_resumes_between_crop_offsets_and_students_train_from_it(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    teacher = TeacherNet([8, 16, 16], depth=2).eval()
+    whole = distill.build_teacher_cache(teacher, data.train_images, tmp_path / "a.pt", 1, True, False, log=False)
+    with chunk(0.0001):  # each chunk ends after one crop offset
+        with pytest.raises(ScheduleStopped, match="teacher cache after epoch 1 of 9"):
+            distill.build_teacher_cache(teacher, data.train_images, tmp_path / "b.pt", 1, True, False, log=False)
+    assert (tmp_path / "b.pt.partial").is_file() and not (tmp_path / "b.pt").is_file()
+    resumed = distill.build_teacher_cache(teacher, data.train_images, tmp_path / "b.pt", 1, True, False, log=False)
+    assert torch.equal(resumed, whole) and not (tmp_path / "b.pt.partial").exists()
+    # The students read their targets from it: same batches, a run that says so in its summary.
+    config = distill.StudentConfig.from_dict({**TINY_STUDENTS, "translate": 1, "teacher_cache": True, "budget_s": 0})
+    stage = distill.run_distill(_students(1), data, distill.TeacherConfig.from_dict(TINY_TEACHER), config,
+                                tmp_path / "run", teacher=_saved_teacher(teacher, tmp_path), progress=False)
+    assert stage["epochs"] == 2 and stage["config"]["teacher_cache"] is True and stage["budget_s"] == 0
+    assert (tmp_path / "run" / "teacher" / "logits-translate1-flipmean.pt").is_file()
+
+
+def _saved_teacher(teacher, tmp_path) -> Path:
+    save_teacher(teacher, tmp_path / "teacher.pt")
+    return tmp_path / "teacher.pt"

@@ -8,7 +8,7 @@ from mobileprune.recipes import PROJECT_RECIPES, load_recipe
 @pytest.mark.parametrize("path", sorted(PROJECT_RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_recipe_loads(path):
     recipe = load_recipe(path.stem)
-    assert recipe["description"] and ({"baseline", "finegrained", "prune", "recover", "students", "distill"}
+    assert recipe["description"] and ({"baseline", "finegrained", "prune", "recover", "teacher", "students", "distill"}
                                       & set(recipe))
 
 

@@ -4,12 +4,15 @@ import torch
 from mobileprune.data import load_cifar10, preprocess
 from mobileprune.errors import MobilepruneError
 from mobileprune.models import build_mobilenet_v2
-from mobileprune.train import TrainConfig, distillation_loss, recalibrate_batchnorm, train
+from mobileprune import train as train_module
+from mobileprune.errors import ScheduleStopped
+from mobileprune.train import TrainConfig, choose_bf16, chunk, distillation_loss, recalibrate_batchnorm, train
 
 from conftest import make_cifar_dir
 
+# fp32: runs compared with each other must not each measure their own precision ("auto", tested apart).
 TINY = dict(batch_size=20, lr=0.05, warmup_epochs=0.5, resolutions=[32], eval_resolution=32, eval_batch_size=50,
-            label_smoothing=0.0)
+            label_smoothing=0.0, bf16=False)
 
 
 @pytest.fixture
@@ -95,3 +98,66 @@ def test_batchnorm_recalibration_measures_the_images_and_touches_nothing_else():
     before = norm.running_mean.clone()
     recalibrate_batchnorm(model, images[:0], size=32)  # no images: statistics left as they are
     assert torch.equal(norm.running_mean, before)
+
+
+def test_a_schedule_in_chunks_equals_one_unbroken_run(tiny_data, tmp_path):
+    config = TrainConfig(epochs=3, **TINY)
+    torch.manual_seed(0)
+    straight = train(build_mobilenet_v2(), tiny_data, config, tmp_path / "a", device="cpu", progress=False)
+    # A chunk of a millisecond ends after each epoch: three chunks, each resumed by the same call.
+    stops = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        with chunk(0.001):
+            try:
+                chunked = train(build_mobilenet_v2(), tiny_data, config, tmp_path / "b", device="cpu",
+                                progress=False, resume=True)
+            except ScheduleStopped as e:
+                stops.append(str(e))
+    assert [s.split(" (")[0] for s in stops] == ["train after epoch 1 of 3; about 0 min left",
+                                                 "train after epoch 2 of 3; about 0 min left"]
+    assert [h["train_loss"] for h in chunked.history] == [h["train_loss"] for h in straight.history]
+    for a, b in zip(straight.model.state_dict().values(), chunked.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_bf16_is_obeyed_when_set_and_measured_when_auto(monkeypatch):
+    model = build_mobilenet_v2()
+    cpu = torch.device("cpu")
+    assert choose_bf16(True, model, 32, 8, cpu)["bf16"] is True
+    assert choose_bf16(False, model, 32, 8, cpu)["bf16"] is False
+    with pytest.raises(MobilepruneError, match="bf16 must be"):
+        choose_bf16("yes", model, 32, 8, cpu)
+    with pytest.raises(MobilepruneError, match="bf16 must be"):
+        TrainConfig.from_dict({"bf16": "fast"})
+    # auto on a CPU: bf16 only where it has kernels and is measured at least 5 % faster.
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: True)
+    for fp32_rate, bf16_rate, chosen in ((100.0, 180.0, True), (100.0, 103.0, False), (300.0, 200.0, False)):
+        monkeypatch.setattr(train_module, "training_rate",
+                            lambda m, size, batch, device, bf16, *a, **k: bf16_rate if bf16 else fp32_rate)
+        record = choose_bf16("auto", model, 32, 8, cpu)
+        assert record == {"setting": "auto", "bf16": chosen, "fp32_images_per_s": fp32_rate,
+                          "bf16_images_per_s": bf16_rate}
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: False)
+    assert choose_bf16("auto", model, 32, 8, cpu)["bf16"] is False
+
+
+def test_the_bf16_probe_changes_neither_the_model_nor_what_the_run_draws():
+    model = build_mobilenet_v2().train()
+    before = [t.clone() for t in model.state_dict().values()]
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    rate = train_module.training_rate(model, 32, 4, torch.device("cpu"), bf16=False, steps=1)
+    assert rate > 0 and torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_a_stopped_chunk_exits_75_with_one_line(capsys):
+    from mobileprune.errors import ScheduleStopped, exit_code
+
+    def stop():
+        raise ScheduleStopped("teacher: epoch 3 of 34 done; run the same command to go on")
+
+    assert exit_code("mobileprune", stop) == 75
+    assert capsys.readouterr().err == "mobileprune: stopped: teacher: epoch 3 of 34 done; run the same command to go on\n"

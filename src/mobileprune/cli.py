@@ -95,6 +95,12 @@ def _add_device_arg(p: argparse.ArgumentParser, default: str | None = None) -> N
                    help=f"cpu, cuda or cuda:N (default: {default or 'cuda when present, else cpu'})")
 
 
+def _add_chunk_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop-after", type=_positive_float, metavar="MINUTES",
+                   help="end this chunk of a long schedule at an epoch boundary before MINUTES have passed (the "
+                        "state is kept; the same command resumes it; exit code 75 until the schedule is done)")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="CIFAR-10 folder (binary or python format); default $MOBILEPRUNE_DATA, "
                                   "./data/cifar-10-batches-bin, ../shared/data/cifar-10-batches-bin")
@@ -147,6 +153,7 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import RESIZE_VARIANTS
+    from .package import PACKAGE_RULES
 
     parser = _Parser(prog="mobileprune", description=__doc__)
     parser.add_argument("--no-progress", action="store_true",
@@ -156,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train the dense baseline from scratch with a recipe")
+    _add_chunk_arg(p)
     p.add_argument("--recipe", default="baseline", help="recipe name or .toml path (default: baseline)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe>/baseline)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (implied by --stop-after)")
     p.add_argument("--epochs", type=_positive, help="override the recipe's epochs")
     _add_device_arg(p)
     _add_data_args(p)
@@ -183,12 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     _add_int8_args(p)
 
-    p = sub.add_parser("grade", help="grade a hand-in as the lab does: MFLOPs, .pth and .pte accuracy, score")
-    p.add_argument("submission", help="a hand-in folder in the lab's layout (model/mobilenet.pth, model/mobilenet.pte, "
-                                      "data/test_batch.bin) or its zip, a folder holding mobilenet.pth and "
-                                      "mobilenet.pte, or a .pth")
-    p.add_argument("pte", nargs="?", help="the .pte to grade with a .pth given by name (default: the .pte of the "
-                                          "same name beside it)")
+    p = sub.add_parser("grade", help="grade a hand-in as the lab does (MFLOPs, .pth and .pte accuracy, the score "
+                                     "under each edition of the rules), or a whole class into a CSV")
+    p.add_argument("submissions", nargs="+", metavar="SUBMISSION",
+                   help="a hand-in folder in the lab's layout (model/mobilenet.pth, model/mobilenet.pte, "
+                        "data/test_batch.bin) or its zip, a folder holding mobilenet.pth and mobilenet.pte, or a "
+                        ".pth followed by the .pte to grade with it (default: the .pte of the same name beside it); "
+                        "several, or a folder of zips, with --csv")
+    p.add_argument("--csv", metavar="FILE", help="grade a class: one row per submission into FILE (a rerun skips the "
+                                                 "rows already there), each in its own process with a time limit")
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --csv: the most one submission may take (default 900)")
+    p.add_argument("--workers", type=_positive, default=2, help="with --csv: submissions graded at once (default 2)")
     p.add_argument("--limit", type=_positive, help="first N test images only (the score is then not the lab's)")
     p.add_argument("--variant", choices=(*RESIZE_VARIANTS, "both"), default="both",
                    help="the 32->224 resize: torchvision's, the C++ runner's (what the lab's runner does), or both "
@@ -207,17 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
 
     p = sub.add_parser("finegrained", help="Part 1: sensitivity scan, per-layer sparsity, masked fine-tuning")
+    _add_chunk_arg(p)
     _add_stage_args(p, "finegrained", default_recipe="baseline")
     p.add_argument("--target-size", type=_fraction, help="fraction of dense size, e.g. 0.25 (overrides the recipe)")
     p.add_argument("--sparsity-json", help="per-layer sparsities by hand ({param_name: sparsity}); skips the scan")
 
     p = sub.add_parser("prune", help="Part 2: channel pruning to an MFLOPs target, in steps with KD recovery")
+    _add_chunk_arg(p)
     _add_stage_args(p, "prune", default_recipe="lab2-45")
     p.add_argument("--target-mflops", type=_positive_float, help="override the recipe's target")
     p.add_argument("--importance", help="override the criterion: l1, l2, taylor, hessian, bn, lamp, fpgm, random")
     p.add_argument("--no-distill", action="store_true", help="recover without the dense teacher")
 
     p = sub.add_parser("recover", help="Part 2: train a pruned model further (channels unchanged), with KD")
+    _add_chunk_arg(p)
     p.add_argument("model", help="pruned model: .pt with its .layout.json, or a pickled .pth")
     p.add_argument("--teacher", help="dense model to distil from (the baseline the model was pruned from)")
     p.add_argument("--recipe", default="cpu-224-handin-kd-more", help="recipe with a [recover] table "
@@ -258,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "hands the network 32-px maps of the 32-px picture)")
 
     p = sub.add_parser("teacher", help="train the 32-px teacher alone (what `mobileprune distill` trains first)")
+    _add_chunk_arg(p)
     p.add_argument("--recipe", default="distill", help="recipe with a [teacher] table (default: distill)")
     p.add_argument("--budget-s", type=_positive_float, help="stop the schedule after this many seconds (a CPU "
                                                            "measured in fixed time); overrides [teacher] budget_s")
@@ -267,11 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train the 32-px teacher (or load one), then every student together on one "
                                        "wall-clock budget")
+    _add_chunk_arg(p)
     p.add_argument("--recipe", default="distill", help="recipe with [teacher] and [distill] tables (default: distill)")
     p.add_argument("--students", help="folder of students (default: runs/<recipe>/students)")
     p.add_argument("--teacher", help="a trained teacher.pt to load instead of training one")
     p.add_argument("--budget-s", type=_positive_float, help="seconds for the whole command (overrides the recipe's)")
     p.add_argument("--out", help="run folder (default: runs/<recipe>/distill)")
+    p.add_argument("--cache-dir", help="with [distill] teacher_cache: where the teacher's logits are kept, to share "
+                                       "them between runs from one teacher (default: the run's teacher/ folder)")
     p.add_argument("--pack", metavar="DIR", help="then pack what must come back from a GPU machine into DIR "
                                                  "(at most 8 files of 16 MiB)")
     _add_device_arg(p)
@@ -290,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
 
     p = sub.add_parser("run", help="the whole pipeline from one recipe: baseline, Part 1, Part 2, grade, report")
+    _add_chunk_arg(p)
     p.add_argument("--recipe", default="quick", help="recipe name or .toml path (default: quick)")
     p.add_argument("--out", help="output folder (default: runs/<recipe>)")
     _add_device_arg(p)
@@ -309,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="hand in the int8 program: MODEL_DIR/mobilenet.int8.pte "
                                                        "becomes the zip's model/mobilenet.pte (use another --out to "
                                                        "keep the fp32 zip too)")
+    p.add_argument("--rules", choices=PACKAGE_RULES, default="original",
+                   help="the lab's layout (default) or the 04/02 revision's: model/mobilenet.pth and STUDENT_ID.ipynb "
+                        "only, graded on the .pth")
     _add_data_args(p)
 
     p = sub.add_parser("report", help="redraw the plots and write REPORT.md of a run folder or a release")
@@ -352,7 +377,8 @@ def cmd_train(args) -> None:
     recipe = load_recipe(args.recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "baseline")
     s = train_baseline(recipe, load_data(args, recipe), out, device=args.device or _auto_device(),
-                       resume=args.resume, epochs=args.epochs, progress=not args.no_progress)
+                       resume=args.resume or args.stop_after is not None, epochs=args.epochs,
+                       progress=not args.no_progress)
     print(f"best epoch {s['best_epoch']}: val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f} "
           f"({s['test_images']} images); wrote {out}/mobilenet.pth and best.pt")
 
@@ -434,13 +460,36 @@ def cmd_grade(args) -> None:
     from .evaluate import format_grade, grade, save_grade
     from .package import DEFAULT_RUNNER
 
+    submissions, pte = args.submissions, None
+    if len(submissions) == 2 and submissions[1].endswith(".pte") and submissions[0].endswith(".pth"):
+        submissions, pte = submissions[:1], submissions[1]
+    if args.csv or len(submissions) > 1:
+        return _grade_class(args, submissions)
+    if args.time_limit:
+        raise MobilepruneError("--time-limit is for a class (--csv); one grade runs to its end")
     runner = None if args.no_runner else args.runner or (DEFAULT_RUNNER if DEFAULT_RUNNER.is_file() else None)
-    result = grade(args.submission, data=args.data, limit=args.limit, variants=_variants(args.variant),
-                   trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=args.pte,
+    result = grade(submissions[0], data=args.data, limit=args.limit, variants=_variants(args.variant),
+                   trust_pickle=args.trust_pickle, device=args.device, progress=not args.no_progress, pte=pte,
                    runner=runner, int8=args.int8)
     if args.save:
         save_grade(result, args.save, "grade.int8" if args.int8 else "grade")
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_grade(result))
+
+
+def _grade_class(args, submissions: list[str]) -> None:
+    from .gradebook import DEFAULT_TIME_LIMIT_S, grade_class
+
+    if not args.csv:
+        raise MobilepruneError("several submissions make a table: add --csv scores.csv")
+    if any(p.endswith(".pte") for p in submissions):
+        raise MobilepruneError("a .pte named beside several submissions: a class is graded from zips or folders")
+    asked = [flag for flag, on in (("--trust-pickle", args.trust_pickle), ("--int8", args.int8), ("--save", args.save),
+                                   ("--json", args.json), ("--runner", args.runner)) if on]
+    if asked:  # a class from strangers is never unpickled on trust, and its table is the one output
+        raise MobilepruneError(f"{', '.join(asked)}: for one grade, not with --csv")
+    grade_class(submissions, args.csv, data=args.data, limit=args.limit,
+                time_limit_s=args.time_limit or DEFAULT_TIME_LIMIT_S, workers=args.workers,
+                progress=not args.no_progress)
 
 
 def _baseline(args, recipe: dict):
@@ -618,7 +667,8 @@ def cmd_distill(args) -> None:
     out = Path(args.out or Path("runs") / recipe["name"] / "distill")
     # The test split is never looked at here (a GPU machine is sent the training batches alone).
     s = run_distill(students, load_data(args, recipe, test=False), teacher_config, config, out, teacher=args.teacher,
-                    budget_s=args.budget_s, device=args.device or _auto_device(), progress=not args.no_progress)
+                    budget_s=args.budget_s, device=args.device or _auto_device(), progress=not args.no_progress,
+                    cache_dir=args.cache_dir)
     _draw_plots(out)
     teacher = s["teacher"]
     print(f"teacher: val {teacher['val_accuracy']:.4f}" + (f", {teacher['val_accuracy_tta']:.4f} with TTA"
@@ -691,7 +741,7 @@ def cmd_package(args) -> None:
 
     model_dir = args.model_dir or find_results() / "prune"
     archive, result = package(args.student_id, model_dir, args.out, args.notebook, args.runner, args.data,
-                              args.grade_limit, progress=not args.no_progress, int8=args.int8)
+                              args.grade_limit, progress=not args.no_progress, int8=args.int8, rules=args.rules)
     with zipfile.ZipFile(archive) as z:
         print(f"wrote {archive}: " + ", ".join(z.namelist()))
     print(format_grade(result))
@@ -739,10 +789,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ.pop(VERBOSE_ENV, None)
     quiet_libraries()
-    # Progress bars belong on a terminal; a log file or CI gets one plain line per epoch instead.
+    # Progress bars belong on a terminal; a log file or CI gets one plain line per epoch instead,
+    # written as it happens (a chunk running in the background is watched through its log).
     args.no_progress = args.no_progress or not sys.stderr.isatty()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     os.environ.setdefault("TQDM_DISABLE", "1" if args.no_progress else "")
-    return exit_code("mobileprune", lambda: COMMANDS[args.command](args))
+    return exit_code("mobileprune", lambda: _in_chunk(args, COMMANDS[args.command]))
+
+
+def _in_chunk(args, command) -> None:
+    """Run ``command``; with --stop-after, every training loop in it ends at an epoch boundary in time."""
+    if getattr(args, "stop_after", None) is None:
+        return command(args)
+    from .train import chunk
+
+    with chunk(args.stop_after * 60):
+        return command(args)
 
 
 if __name__ == "__main__":

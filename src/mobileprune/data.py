@@ -263,6 +263,15 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad:
     Works on uint8 batches on any device (no per-image Python loop): per-image offsets are
     applied with one gather.
     """
+    return augment_views(images, generator, pad, flip)[0]
+
+
+def augment_views(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4,
+                  flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``augment``, and which view each image became: its crop offsets ``dy``, ``dx`` in [0, 2 * pad]
+    and whether it was mirrored. Image ``i`` is ``crop(padded, dy[i], dx[i])``, then mirrored if
+    ``flipped[i]``; so there are (2 * pad + 1)^2 x 2 views in all, and a teacher's logits for each
+    can be computed once (``distill.build_teacher_cache``)."""
     n, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
@@ -275,7 +284,7 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad:
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
     out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                  rows, cols[:, None, None, :]]
-    return out.to(images.dtype)
+    return out.to(images.dtype), dy, dx, flip
 
 
 def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import INPUT_SIZE, RESIZE_VARIANTS, Cifar10, augment, cutout, preprocess
+from .data import INPUT_SIZE, RESIZE_VARIANTS, Cifar10, augment, augment_views, cutout, preprocess
 from .errors import MobilepruneError, check_known_settings
 from .files import pack, save_torch, write_csv, write_json
 from .models import TeacherNet, channel_layout, load_state_with_layout, load_teacher, save_state_with_layout, save_teacher
-from .train import distillation_loss
+from .train import (autocast, check_bf16_setting, choose_bf16, current_chunk, describe_precision, distillation_loss,
+                    time_left)
 
 TEACHER_RESOLUTION = 32
 STUDENT_FILE = "student.json"  # what `prepare_students` writes beside each student's weights
@@ -73,7 +74,7 @@ class TeacherConfig:
     lookahead: bool = True  # airbench's weight averaging: every 5 steps the weights move to an EMA of themselves
     tta_level: int = 2  # validation with 0: one view, 1: + mirror, 2: + 1-px translations
     seed: int = 0
-    bf16: bool = True  # CUDA only
+    bf16: bool | str = "auto"  # "auto": on CUDA, and on a CPU where a short probe measures it faster
     eval_batch_size: int = 1000
 
     @classmethod
@@ -85,6 +86,7 @@ class TeacherConfig:
                                    f"{config.widths})")
         if config.tta_level not in (0, 1, 2):
             raise MobilepruneError(f"[teacher] tta_level must be 0, 1 or 2 (got {config.tta_level})")
+        check_bf16_setting(config.bf16, "[teacher]")
         _check_positive(config, "[teacher]", "epochs", "batch_size", "lr", "eval_batch_size")
         return config
 
@@ -107,13 +109,21 @@ class StudentConfig:
     kd_alpha: float = 0.8  # weight of the distillation term
     kd_temperature: float = 4.0
     teacher_flip: bool = True  # the teacher's target is the mean of its logits on the image and its mirror
+    # The teacher's logits for every view the students can draw ((2 translate + 1)^2 crops, each
+    # mirrored or not), computed once beside the teacher and read back every epoch: the same
+    # targets (stored in fp16) without a teacher forward per step. It costs (2 translate + 1)^2
+    # x 2 teacher passes over the training split, what on-the-fly distillation spends in
+    # (2 translate + 1)^2 student epochs (translate 2: 25), so it pays for long CPU runs and for
+    # every further run from the same teacher (docs/method.md).
+    teacher_cache: bool = False
     translate: int = 2
     flip: bool = True
     # A batch's 224-px view is one of these, drawn per batch (the grader resizes both ways).
     resize_variants: list[str] = field(default_factory=lambda: list(RESIZE_VARIANTS))
     resolution: int = INPUT_SIZE  # only tests and CPU rehearsals train smaller
     ema_decay: float = 0.0  # > 0: also keep an EMA of each student's weights; validation picks either
-    bf16: bool = True  # CUDA only
+    # "auto": on CUDA; on a CPU chosen per student (and for the teacher's forward) by a short probe
+    bf16: bool | str = "auto"
     channels_last: bool = True  # CUDA only
     # cuDNN autotuning (CUDA only): the students' shapes stay fixed all run, but the dense baseline's
     # first epoch at each new shape took 35-41 s against 4-7 s with it on (H100): off until measured.
@@ -125,7 +135,9 @@ class StudentConfig:
     def from_dict(cls, values: dict) -> "StudentConfig":
         check_known_settings(cls, values, "[distill]")
         config = cls(**values)
-        _check_positive(config, "[distill]", "budget_s", "batch_size", "lr", "eval_batch_size", "resolution")
+        _check_positive(config, "[distill]", "batch_size", "lr", "eval_batch_size", "resolution")
+        if not (config.max_epochs > 0 and config.budget_s == 0):  # 0 with max_epochs: a schedule in epochs alone
+            _check_positive(config, "[distill]", "budget_s")
         if not 0 <= config.ema_decay < 1 or not 0 <= config.kd_alpha <= 1 or not 0 <= config.warmup < 1:
             raise MobilepruneError("[distill] ema_decay must be in [0, 1), kd_alpha in [0, 1] and warmup in [0, 1)")
         variants = [config.resize_variants] if isinstance(config.resize_variants, str) else config.resize_variants
@@ -133,6 +145,7 @@ class StudentConfig:
             if variant not in RESIZE_VARIANTS:
                 raise MobilepruneError(f"unknown resize variant {variant!r}; choose from {', '.join(RESIZE_VARIANTS)}")
         config.resize_variants = list(variants)
+        check_bf16_setting(config.bf16, "[distill]")
         return config
 
 
@@ -179,10 +192,6 @@ def lr_factor(progress: float, warmup: float, start: float = 0.0, floor: float =
     return floor + (1 - floor) * (1 - progress) / max(1e-12, 1 - warmup)
 
 
-def _autocast(bf16: bool, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-
-
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, tta_level: int = 0) -> torch.Tensor:
     """Logits of normalised 32-px images, averaged over views: 0 one, 1 with the mirror, 2 with 1-px shifts too."""
@@ -202,14 +211,14 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, tta_level: int = 0) -> t
 
 @torch.no_grad()
 def teacher_accuracy(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, tta_level: int = 0,
-                     batch_size: int = 1000, bf16: bool = True) -> float:
+                     batch_size: int = 1000, bf16: bool = False) -> float:
     """Accuracy of the teacher on uint8 images (on the teacher's device)."""
     device = next(teacher.parameters()).device
     teacher.eval()
     correct = 0
     for start in range(0, len(labels), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), TEACHER_RESOLUTION)
-        with _autocast(bf16, device):
+        with autocast(bf16, device):
             logits = teacher_logits(teacher, x, tta_level)
         correct += (logits.argmax(1) == labels[start:start + batch_size].to(device)).sum().item()
     return correct / max(1, len(labels))
@@ -236,10 +245,11 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
                                f"({len(labels)} images)")
     model = TeacherNet(config.widths, config.depth).to(device)
     model.init_whitening(preprocess(images[:5000], TEACHER_RESOLUTION))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on a CPU too: 111 against 91 images/s in bf16 for airbench96's shape (2-core Zen 4).
+    model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(labels) // config.batch_size
     total_steps = math.ceil(config.epochs * steps_per_epoch)
+    total_epochs = math.ceil(config.epochs)
     # airbench's decoupled form: lr and weight decay per 1,024 examples, independent of momentum,
     # for a loss summed (not averaged) over the batch.
     kilostep = 1024 * (1 + 1 / (1 - config.momentum))
@@ -255,8 +265,14 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
     generator = torch.Generator().manual_seed(config.seed)
     step, history, spent = 0, [], 0.0
     lookahead = [p.detach().clone() for p in model.state_dict().values()] if config.lookahead else None
-    if (out / "last.pt").is_file():
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if (out / "last.pt").is_file() else None
+    # Chosen once per run, kept in last.pt: every chunk of the schedule trains as the first did.
+    precision = (state or {}).get("precision") or choose_bf16(config.bf16, model, TEACHER_RESOLUTION,
+                                                             config.batch_size, device, channels_last=True)
+    bf16 = precision["bf16"]
+    if state is None and log_epochs:
+        tqdm.write(f"teacher {config.widths} x{config.depth}, {total_epochs} epochs: {describe_precision(precision)}")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["data_rng"])
@@ -287,11 +303,9 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
                             pad=config.translate)
             if config.cutout:
                 batch = cutout(batch, config.cutout, generator)
-            x = preprocess(batch, TEACHER_RESOLUTION)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = preprocess(batch, TEACHER_RESOLUTION).contiguous(memory_format=torch.channels_last)
             target = labels[order[i * config.batch_size:(i + 1) * config.batch_size]]
-            with _autocast(config.bf16, device):
+            with autocast(bf16, device):
                 loss = F.cross_entropy(model(x).float(), target, label_smoothing=config.label_smoothing,
                                        reduction="sum")
             optimizer.zero_grad(set_to_none=True)
@@ -302,15 +316,21 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
             seen += len(target)
             if lookahead is not None and step % 5 == 0:
                 _lookahead_step(model, lookahead, 0.95 ** 5 * budget.progress(step) ** 3)
-        val = teacher_accuracy(model, data.val_images, data.val_labels, 0, config.eval_batch_size, config.bf16)
+        val = teacher_accuracy(model, data.val_images, data.val_labels, 0, config.eval_batch_size, bf16)
         history.append({"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / max(1, seen),
                         "val_accuracy": val, "seconds": clock() - started, "spent": budget.spent()})
+        epoch_seconds = history[-1]["seconds"]
         if log_epochs:
-            tqdm.write(f"teacher epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}  val {val:.4f}  "
-                       f"({history[-1]['seconds']:.1f}s, {budget.spent():.0f}s in all)")
+            left = f", {time_left(total_epochs - epoch - 1, epoch_seconds)}" if epoch + 1 < total_epochs else ""
+            tqdm.write(f"teacher epoch {epoch + 1}/{total_epochs}: loss {history[-1]['train_loss']:.4f}  "
+                       f"val {val:.4f}  ({epoch_seconds:.1f}s, {budget.spent():.0f}s in all{left})")
         save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "history": history, "spent": budget.spent(), "data_rng": generator.get_state(),
-                    "lookahead": [t.cpu() for t in lookahead] if lookahead is not None else None}, out / "last.pt")
+                    "lookahead": [t.cpu() for t in lookahead] if lookahead is not None else None,
+                    "precision": precision}, out / "last.pt")
+        write_csv(history, out / "history.csv")
+        if budget.progress(step) < 1:
+            current_chunk().end_if_no_room("teacher", epoch + 1, total_epochs, epoch_seconds)
     if lookahead is not None:
         _lookahead_step(model, lookahead, 1.0)  # the averaged weights are the result
     model.eval()
@@ -319,10 +339,13 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
                "images_per_s": step * config.batch_size / max(1e-9, budget.spent()),
                "params": sum(p.numel() for p in model.parameters()), "val_images": len(data.val_labels),
                "val_accuracy": teacher_accuracy(model, data.val_images, data.val_labels, 0, config.eval_batch_size,
-                                                config.bf16),
+                                                bf16),
+               "val_accuracy_flip": teacher_accuracy(model, data.val_images, data.val_labels, 1,
+                                                     config.eval_batch_size, bf16),
                "val_accuracy_tta": teacher_accuracy(model, data.val_images, data.val_labels, config.tta_level,
-                                                    config.eval_batch_size, config.bf16),
-               "tta_level": config.tta_level, "device": str(device), "config": asdict(config)}
+                                                    config.eval_batch_size, bf16),
+               "tta_level": config.tta_level, "device": str(device), "precision": precision,
+               "config": asdict(config)}
     save_teacher(model, out / "teacher.pt")
     write_csv(history, out / "history.csv")
     write_json(out / "summary.json", summary)
@@ -338,6 +361,85 @@ def _lookahead_step(model: nn.Module, averaged: list[torch.Tensor], decay: float
             tensor.copy_(average)
 
 
+# ----------------------------------------------------------------------------- the teacher cache
+def cache_path(teacher_dir: str | Path, translate: int, teacher_flip: bool) -> Path:
+    """Where a teacher's cache of logits lives: beside it, named by the views it holds."""
+    return Path(teacher_dir) / f"logits-translate{translate}{'-flipmean' if teacher_flip else ''}.pt"
+
+
+def _digest(tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_teacher_cache(teacher: nn.Module, images: torch.Tensor, path: str | Path, translate: int,
+                        teacher_flip: bool = True, bf16="auto", batch_size: int = 500,
+                        device: str | torch.device = "cpu", log: bool = True) -> torch.Tensor:
+    """The teacher's logits for every view ``augment_views`` can make of ``images`` (uint8, N x 3 x 32 x 32).
+
+    Returns fp16 ``[N, P, P, F, 10]`` with P = 2 * translate + 1 crop offsets each way and F = 1 (the
+    mean over the view and its mirror, the target ``teacher_flip`` asks for: a view's mirror is the
+    same crop, so both share it) or 2 (plain, then mirrored). Written to ``path`` with the digests
+    of the teacher's weights and of the images: a cache of another teacher or other images is
+    refused, not used. Built one crop offset at a time, kept in ``path``.partial after each, so it
+    resumes and a chunk (``--stop-after``) may end between two offsets.
+    """
+    path, device = Path(path), torch.device(device)
+    teacher = teacher.to(device).eval()
+    meta = {"teacher": _digest(teacher.state_dict().values()), "images": _digest([images]), "translate": translate,
+            "teacher_flip": teacher_flip}
+    partial = path.with_name(path.name + ".partial")
+    for candidate in (path, partial):
+        if candidate.is_file():
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            if state["meta"] != meta:
+                raise MobilepruneError(f"{candidate}: a cache of another teacher, other training images or other "
+                                       f"views ({state['meta']} against {meta}); delete it or use another teacher folder")
+            if candidate == path:
+                return state["logits"]
+            break
+    else:
+        state = None
+    side, flips = 2 * translate + 1, 1 if teacher_flip else 2
+    positions = [(dy, dx) for dy in range(side) for dx in range(side)]
+    if state is None:
+        precision = choose_bf16(bf16, teacher, TEACHER_RESOLUTION, batch_size, device, channels_last=True, train=False)
+        state = {"meta": meta, "precision": precision, "done": 0, "seconds": 0.0,
+                 "logits": torch.zeros(len(images), side, side, flips, 10, dtype=torch.float16)}
+        if log:
+            tqdm.write(f"teacher cache: {len(positions)} crop offsets x {len(images)} images, "
+                       f"{describe_precision(precision)}")
+    logits, use_bf16 = state["logits"], state["precision"]["bf16"]
+    for k in range(state["done"], len(positions)):
+        dy, dx = positions[k]
+        started = time.monotonic()
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device)
+            padded = F.pad(batch.float(), (translate,) * 4, mode="reflect")
+            crop = padded[:, :, dy:dy + batch.shape[-2], dx:dx + batch.shape[-1]].to(batch.dtype)  # as augment_views
+            x = preprocess(crop, TEACHER_RESOLUTION).contiguous(memory_format=torch.channels_last)
+            with autocast(use_bf16, device), torch.no_grad():
+                if teacher_flip:
+                    out = teacher_logits(teacher, x, 1)[:, None]
+                else:
+                    out = torch.stack([teacher_logits(teacher, x, 0), teacher_logits(teacher, x.flip(-1), 0)], 1)
+            logits[start:start + len(batch), dy, dx] = out.to("cpu", torch.float16)
+        seconds = time.monotonic() - started
+        state.update(done=k + 1, seconds=state["seconds"] + seconds)
+        save_torch(state, partial)
+        if log:
+            left = f", {time_left(len(positions) - k - 1, seconds)}" if k + 1 < len(positions) else ""
+            tqdm.write(f"teacher cache: crop offset {k + 1}/{len(positions)} ({seconds:.0f}s{left})")
+        current_chunk().end_if_no_room("teacher cache", k + 1, len(positions), seconds)
+    save_torch(state, path)
+    partial.unlink(missing_ok=True)
+    return logits
+
+
 # ----------------------------------------------------------------------------- the students
 @dataclass
 class _Student:
@@ -350,6 +452,7 @@ class _Student:
     best_val: float = -1.0
     best_epoch: int = 0
     best_weights: str = "model"  # or "ema"
+    bf16: bool = False  # this student's steps in bf16 autocast (choose_bf16, per student)
     loss_sum: torch.Tensor | None = None  # this epoch's, summed on the device: no host sync per step
 
 
@@ -389,25 +492,29 @@ def _ema_step(ema: nn.Module, model: nn.Module, decay: float) -> None:
 @torch.no_grad()
 def student_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: StudentConfig,
                      device: torch.device) -> float:
-    """Validation accuracy at the students' resolution, torchvision's resize (as every epoch is chosen)."""
+    """Validation accuracy at the students' resolution, torchvision's resize (as every epoch is chosen);
+    bf16 on CUDA only: a CPU chooses in fp32, as the grader runs the .pth."""
     model.eval()
     correct = 0
     for start in range(0, len(labels), config.eval_batch_size):
         x = preprocess(images[start:start + config.eval_batch_size], config.resolution)
         if config.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(config.bf16, device):
+        with autocast(config.bf16 is not False and device.type == "cuda", device):
             correct += (model(x).argmax(1) == labels[start:start + config.eval_batch_size]).sum().item()
     return correct / max(1, len(labels))
 
 
 def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Module, data: Cifar10,
-                   config: StudentConfig, out_dir: str | Path, seconds: float, device: str | torch.device = "cpu",
-                   progress: bool = True, clock=time.monotonic, log_epochs: bool = True) -> dict:
+                   config: StudentConfig, out_dir: str | Path, seconds: float | None,
+                   device: str | torch.device = "cpu",
+                   progress: bool = True, clock=time.monotonic, log_epochs: bool = True,
+                   cache: torch.Tensor | None = None) -> dict:
     """Train every student on the same batches for ``seconds`` (or ``config.max_epochs``); returns the stage's numbers.
 
     Per batch: the 32-px images are augmented once (flip, translation) on the device, the teacher
-    gives its (mirror-averaged) logits once, and each student steps on the 224-px upsample (one
+    gives its (mirror-averaged) logits once (or they are read from ``cache``, ``build_teacher_cache``'s
+    logits of these training images: the same batches, the same targets up to fp16), and each student steps on the 224-px upsample (one
     resize variant per batch) with ``(1 - kd_alpha)`` label loss + ``kd_alpha`` KL to the teacher.
     After every epoch each student (and its EMA) is validated, the best kept as
     ``student-*/mobilenet.pt``, and the whole state written to ``last.pt``: a killed run resumes
@@ -440,11 +547,21 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
     generator = torch.Generator().manual_seed(config.seed)
     step, epoch, spent, throughput = 0, 0, 0.0, []
     last = out / "last.pt"
-    if last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if sorted(state["students"]) != sorted(s.name for s in trainees):
-            raise MobilepruneError(f"{last}: a run of students {sorted(state['students'])}, not "
-                                   f"{sorted(s.name for s in trainees)}; use another --out or delete it")
+    state = torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else None
+    if state is not None and sorted(state["students"]) != sorted(s.name for s in trainees):
+        raise MobilepruneError(f"{last}: a run of students {sorted(state['students'])}, not "
+                               f"{sorted(s.name for s in trainees)}; use another --out or delete it")
+    # bf16 or not is chosen once per run for each student and the teacher's forward, kept in last.pt.
+    precision = (state or {}).get("precision") or {
+        **{s.name: choose_bf16(config.bf16, s.model, config.resolution, config.batch_size, device,
+                               config.channels_last and device.type == "cuda") for s in trainees},
+        "teacher": choose_bf16(config.bf16, teacher, TEACHER_RESOLUTION, config.batch_size, device, train=False)}
+    for s in trainees:
+        s.bf16 = precision[s.name]["bf16"]
+    teacher_bf16 = precision["teacher"]["bf16"]
+    if state is None and log_epochs:
+        tqdm.write("students: " + ", ".join(f"{name} {describe_precision(record)}" for name, record in precision.items()))
+    if state is not None:
         for s in trainees:
             saved = state["students"][s.name]
             if saved["layout"] != channel_layout(s.model)["layers"]:
@@ -459,7 +576,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         torch.set_rng_state(state["torch_rng"])  # dropout draws from it
         step, epoch, spent, throughput = state["step"], state["epoch"], state["spent"], state["throughput"]
         if log_epochs:
-            tqdm.write(f"students: resuming {last} after epoch {epoch} ({spent:.0f} s of {seconds:.0f} s spent)")
+            tqdm.write(f"students: resuming {last} after epoch {epoch} ({spent:.0f} s spent)")
     budget = Budget(steps_per_epoch * config.max_epochs or None, seconds, spent=spent, clock=clock)
     variants = config.resize_variants
 
@@ -477,9 +594,14 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                 break
             factor = lr_factor(fraction, config.warmup, floor=config.lr_floor)
             index = order[i * config.batch_size:(i + 1) * config.batch_size]
-            small = augment(images[index], generator, pad=config.translate, flip=config.flip)
-            with _autocast(config.bf16, device):
-                soft = teacher_logits(teacher, preprocess(small, TEACHER_RESOLUTION), 1 if config.teacher_flip else 0)
+            small, dy, dx, flipped = augment_views(images[index], generator, pad=config.translate, flip=config.flip)
+            if cache is not None:
+                view = torch.zeros_like(flipped, dtype=torch.long) if config.teacher_flip else flipped.long()
+                soft = cache[index.cpu(), dy.cpu(), dx.cpu(), view.cpu()].to(device, torch.float32)
+            else:
+                with autocast(teacher_bf16, device):
+                    soft = teacher_logits(teacher, preprocess(small, TEACHER_RESOLUTION),
+                                          1 if config.teacher_flip else 0)
             variant = variants[int(torch.randint(len(variants), (1,), generator=generator))] if len(variants) > 1 \
                 else variants[0]
             x = preprocess(small, config.resolution, variant)
@@ -489,7 +611,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
             for s in trainees:
                 for group in s.optimizer.param_groups:
                     group["lr"] = config.lr * factor
-                with _autocast(config.bf16, device):
+                with autocast(s.bf16, device):
                     logits = s.model(x).float()
                     loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
                     if config.kd_alpha:
@@ -508,8 +630,12 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         throughput.append({"epoch": epoch, "images": seen, "students": len(trainees), "seconds": train_seconds})
         for s in trainees:
             _validate_and_keep(s, epoch, seen, train_seconds, val_images, val_labels, config, device, out, budget)
+        epoch_seconds = clock() - started  # validation included: what one more epoch will cost
+        total_epochs = config.max_epochs or None
         if log_epochs:
-            tqdm.write(f"students epoch {epoch} ({train_seconds:.1f}s, {budget.spent():.0f}s of {seconds:.0f}s): "
+            left = f", {time_left(total_epochs - epoch, epoch_seconds)}" if (total_epochs or 0) > epoch else ""
+            tqdm.write(f"students epoch {epoch}{f'/{total_epochs}' if total_epochs else ''} ({train_seconds:.1f}s, "
+                       f"{budget.spent():.0f}s in all{left}): "
                        + "  ".join(f"{s.name} {s.history[-1]['val_accuracy']:.4f}" for s in trainees))
         save_torch({"students": {s.name: {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                                           "ema": s.ema.state_dict() if s.ema is not None else None,
@@ -517,7 +643,9 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                                           "best_val": s.best_val, "best_epoch": s.best_epoch,
                                           "best_weights": s.best_weights} for s in trainees},
                     "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-                    "epoch": epoch, "spent": budget.spent(), "throughput": throughput}, last)
+                    "epoch": epoch, "spent": budget.spent(), "throughput": throughput, "precision": precision}, last)
+        if budget.progress(step) < 1:
+            current_chunk().end_if_no_room("students", epoch, total_epochs, epoch_seconds)
 
     images_trained = sum(t["images"] for t in throughput)
     train_seconds = sum(t["seconds"] for t in throughput)
@@ -525,7 +653,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
              "epochs_per_student": round(step / steps_per_epoch, 2), "train_images": len(labels),
              "images_per_s": images_trained / max(1e-9, train_seconds),
              "student_images_per_s": images_trained * len(trainees) / max(1e-9, train_seconds),
-             "device": str(device), "config": asdict(config), "students": {}}
+             "device": str(device), "precision": precision, "config": asdict(config), "students": {}}
     for s in trainees:
         best = s.history[s.best_epoch - 1] if s.best_epoch else {}
         summary = {**{k: s.record[k] for k in ("target_mflops", "mflops", "params", "prune", "stem_stride")
@@ -535,7 +663,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                    "val_last": s.history[-1]["val_accuracy"] if s.history else None,
                    "val_images": len(val_labels), "test_accuracy": None, "test_images": 0, "distill": True,
                    "teacher": "teacher/teacher.pt", "kd_alpha": config.kd_alpha, "resolution": config.resolution,
-                   "best_spent_s": best.get("spent")}
+                   "best_spent_s": best.get("spent"), "bf16": s.bf16}
         write_csv(s.history, out / s.name / "history.csv")
         write_json(out / s.name / "summary.json", summary)
         stage["students"][s.name] = {k: summary[k] for k in ("target_mflops", "mflops", "val_after_pruning",
@@ -560,7 +688,7 @@ def _validate_and_keep(s: _Student, epoch: int, seen: int, seconds: float, val_i
 def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teacher_config: TeacherConfig,
                 config: StudentConfig, out_dir: str | Path, teacher: str | Path | None = None,
                 budget_s: float | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                clock=time.monotonic) -> dict:
+                clock=time.monotonic, cache_dir: str | Path | None = None) -> dict:
     """The teacher (trained, or loaded from ``teacher``), then the students, all inside ``budget_s`` seconds.
 
     Resumable: a finished teacher is loaded, students continue from ``last.pt``. Writes the stage's
@@ -574,8 +702,7 @@ def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teac
     if teacher is not None:
         teacher_model = load_teacher(teacher)
         teacher_summary = {"loaded": str(teacher), "val_accuracy": teacher_accuracy(
-            teacher_model.to(device), data.val_images, data.val_labels, 0, teacher_config.eval_batch_size,
-            teacher_config.bf16)}
+            teacher_model.to(device), data.val_images, data.val_labels, 0, teacher_config.eval_batch_size)}
         save_teacher(teacher_model, out / "teacher" / "teacher.pt")
         write_json(out / "teacher" / "summary.json", teacher_summary)
         teacher_seconds = clock() - started
@@ -583,11 +710,21 @@ def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teac
         teacher_model, teacher_summary = train_teacher(data, teacher_config, out / "teacher", device, progress, clock)
         # A resumed run counts the teacher's recorded seconds, not the few it took to load it now.
         teacher_seconds = teacher_summary.get("seconds", clock() - started)
-    seconds = budget_s - teacher_seconds - config.reserve_s
-    if seconds <= 0 and not config.max_epochs:
+    cache = None
+    if config.teacher_cache:
+        # Paid out of the same budget as the teacher; a run resumed after it reads it back in seconds.
+        built = clock()
+        cache = build_teacher_cache(teacher_model, data.train_images, cache_path(cache_dir or out / "teacher",
+                                    config.translate, config.teacher_flip), config.translate, config.teacher_flip,
+                                    config.bf16, config.eval_batch_size, device)
+        teacher_seconds += clock() - built
+    # budget_s 0: a schedule set in epochs alone (max_epochs), as the CPU recipes set theirs.
+    seconds = budget_s - teacher_seconds - config.reserve_s if budget_s else None
+    if seconds is not None and seconds <= 0 and not config.max_epochs:
         raise MobilepruneError(f"no time left for the students: the teacher took {teacher_seconds:.0f} s of the "
                                f"{budget_s:.0f}-s budget (reserve {config.reserve_s:.0f} s); raise --budget-s")
-    stage = train_students(students, teacher_model, data, config, out, max(seconds, 1e-3), device, progress, clock)
+    stage = train_students(students, teacher_model, data, config, out,
+                           None if seconds is None else max(seconds, 1e-3), device, progress, clock, cache=cache)
     stage.update(budget_s=budget_s, teacher_seconds=teacher_seconds, student_seconds=stage["seconds"],
                  seconds=teacher_seconds + stage["seconds"],
                  teacher={k: teacher_summary.get(k) for k in ("val_accuracy", "val_accuracy_tta", "tta_level",

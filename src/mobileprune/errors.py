@@ -15,6 +15,14 @@ class MobilepruneError(Exception):
     exit_code = 2
 
 
+class ScheduleStopped(Exception):
+    """A chunk of a long schedule ended cleanly at an epoch boundary (``--stop-after``): not an
+    error and not done; the same command resumes it. Exit code 75 (EX_TEMPFAIL, "try again"), so a
+    script can tell an unfinished chunk from a finished run (0) and from bad input (2)."""
+
+    exit_code = 75
+
+
 def check_known_settings(config_class, values: dict, what: str) -> None:
     """Refuse keys that ``config_class`` (a dataclass) has no field for, naming them and the known ones."""
     from dataclasses import fields
@@ -40,6 +48,9 @@ def exit_code(program: str, action: Callable[[], object]) -> int:
         action()
     except MobilepruneError as e:
         print(f"{program}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ScheduleStopped as e:
+        print(f"{program}: stopped: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)

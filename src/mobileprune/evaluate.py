@@ -48,6 +48,44 @@ def lab_score(mflops: float, accuracy: float) -> float:
     return ((200 - mflops) / 155 - 10 * max(0.0, ACCURACY_BAR - accuracy)) * 45
 
 
+@dataclass(frozen=True)
+class Rules:
+    """One edition of the lab's grading rules. Every edition counts MFLOPs on the .pth at 224 px and
+    scores with ``lab_score``; they differ in what is handed in and whose accuracy counts."""
+    name: str
+    accuracy_of: str  # "pte": the .pte through the lab's runner; "pth": the .pth, eager
+    resize: str  # the 32->224 resize of that evaluation (data.RESIZE_VARIANTS)
+    hand_in: str  # what the edition asks students to hand in
+
+
+# The order is the course's: the first edition, its 04/02 revision, the 2025 edition of the same lab.
+# The runner resizes as its C++ does (``runner``); the notebooks evaluate through torchvision's resize.
+RULES = (
+    Rules("original", "pte", "runner", "model/mobilenet.pth and model/mobilenet.pte; accuracy of the .pte from "
+                                       "xnn_executor_runner on data/test_batch.bin"),
+    Rules("revised", "pth", "torchvision", "the 04/02 revision: model/mobilenet.pth and ID.ipynb only; accuracy "
+                                           "of the .pth by the notebook's own evaluation"),
+    Rules("2025", "pth", "torchvision", "the 2025 edition: the .pth only; accuracy of the .pth, the same formula"),
+)
+RULE_NAMES = tuple(r.name for r in RULES)
+
+
+def scores_by_rule(mflops: float, pth_accuracy: dict[str, float] | None,
+                   pte_accuracy: dict[str, float] | None) -> dict[str, dict]:
+    """The score under each edition of the rules that the measured accuracies allow:
+    ``{rule: {"accuracy", "resize", "score"}}``. An edition whose evaluation was measured under the
+    other resize only (``grade --variant``) is scored on that one, and says so by its ``resize``."""
+    scores = {}
+    for rules in RULES:
+        measured = pte_accuracy if rules.accuracy_of == "pte" else pth_accuracy
+        if not measured:
+            continue
+        resize = rules.resize if rules.resize in measured else next(iter(measured))
+        scores[rules.name] = {"accuracy": measured[resize], "resize": resize,
+                              "score": lab_score(mflops, measured[resize])}
+    return scores
+
+
 @torch.inference_mode()
 def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_size: int | None = None,
             device: str | torch.device = "cpu", progress: bool = False, desc: str = "eval",
@@ -96,20 +134,24 @@ class GradeResult:
     not_lab_grade: str | None = None  # why the score is not the lab's (not the official 10,000 test images)
     runner_accuracy: float | None = None  # what the native runner printed, when one was given
     pte_file: str | None = None  # the program graded (an int8 one is named mobilenet.int8.pte beside the .pth)
+    scores: dict[str, dict] = field(default_factory=dict)  # by edition of the rules: scores_by_rule
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _unpack(submission: Path, workdir: Path) -> Path:
+def unpack_submission(submission: Path, workdir: Path) -> Path:
+    """The folder to grade: ``submission`` itself (a folder or a .pth), or its zip extracted into
+    ``workdir`` within bounds (``files.safe_extract``: a zip from a stranger may be a bomb)."""
+    from .files import safe_extract
+
     if not submission.exists():
         raise MobilepruneError(f"{submission}: no such file or folder")
     if submission.is_dir() or submission.suffix == ".pth":
         return submission
     if not zipfile.is_zipfile(submission):
-        raise MobilepruneError(f"{submission}: neither a folder nor a zip file")
-    with zipfile.ZipFile(submission) as z:
-        z.extractall(workdir)
+        raise MobilepruneError(f"{submission}: neither a folder nor a zip file (a truncated zip reads as neither)")
+    safe_extract(submission, workdir)
     # A zip may wrap everything in one top folder.
     for candidate in (workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())):
         if (candidate / "model" / "mobilenet.pth").is_file() or (candidate / "mobilenet.pth").is_file():
@@ -136,7 +178,7 @@ def not_the_lab_test_set(images: torch.Tensor, labels: torch.Tensor, limit: int 
     return None
 
 
-def _model_files(submission: Path, root: Path) -> tuple[Path, Path]:
+def model_files(submission: Path, root: Path) -> tuple[Path, Path]:
     """The .pth to grade and the .pte beside it: a .pth given by name, or mobilenet.pth in the lab's
     ``model/`` folder, in the folder itself (as a run's stage folder holds it) or in its ``prune/``
     (a run or a release, whose hand-in that is)."""
@@ -211,8 +253,8 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     submission = Path(submission)
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = _unpack(submission, Path(tmp))
-        pth, found_pte = _model_files(submission, root)
+        root = unpack_submission(submission, Path(tmp))
+        pth, found_pte = model_files(submission, root)
         root = root if root.is_dir() else root.parent
         if pte is not None and not Path(pte).is_file():
             raise MobilepruneError(f"{pte}: no such file")
@@ -241,9 +283,10 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
         pth_accuracy = {v: (predictions["pth", v] == labels).float().mean().item() for v in variants}
         pte_accuracy = {v: (predictions["pte", v] == labels).float().mean().item() for v in variants} \
             if has_pte else None
+        scores = scores_by_rule(mflops, pth_accuracy, pte_accuracy)
+        if (root / "model").is_dir() and not any(root.glob("*.ipynb")):
+            notes.append("no ID.ipynb beside model/: the revised rules ask for one")
         if has_pte:
-            # The runner measures the .pte; its grid is the 'runner' variant where we measured it.
-            score_accuracy = pte_accuracy.get("runner", next(iter(pte_accuracy.values())))
             runner_accuracy = finish_native_runner(native, runner, pte) if native is not None else None
             # Our runner resizes as torchvision does unless told otherwise (--resize runner).
             if runner_accuracy is not None and "torchvision" in pte_accuracy and \
@@ -254,11 +297,12 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
             runner_accuracy = None
             shown = pte.relative_to(root).as_posix() if pte.is_relative_to(root) else pte
             notes.append(f"no {shown}: graded the .pth alone (the lab's revised rules allow it)")
-            score_accuracy = pth_accuracy.get("torchvision", next(iter(pth_accuracy.values())))
         shutil.rmtree(tmp, ignore_errors=True)
-    return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy, score_accuracy,
-                       lab_score(mflops, score_accuracy), notes, caveat, runner_accuracy,
-                       pte_file=str(pte) if has_pte else None)
+    # The headline score: the first edition's where the .pte allows it, else the revised one's.
+    headline = scores["original" if has_pte else "revised"]
+    return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy,
+                       headline["accuracy"], headline["score"], notes, caveat, runner_accuracy,
+                       pte_file=str(pte) if has_pte else None, scores=scores)
 
 
 def start_native_runner(runner: str | Path, pte: Path, test_file: Path, limit: int | None = None):
@@ -294,6 +338,19 @@ def save_grade(result: GradeResult, folder: str | Path, stem: str = "grade") -> 
     return folder / f"{stem}.json"
 
 
+def format_scores_by_rule(scores: dict[str, dict]) -> list[str]:
+    """One line per edition of the rules: its score, whose accuracy and under which resize."""
+    lines = []
+    for rules in RULES:
+        if rules.name in scores:
+            s = scores[rules.name]
+            lines.append(f"{'  ' + rules.name:<12} {s['score']:6.2f} %   (.{rules.accuracy_of} {s['accuracy']:.4f}, "
+                         f"{s['resize']} resize{'' if s['resize'] == rules.resize else ', not the ' + rules.resize + ' one'})")
+        else:
+            lines.append(f"{'  ' + rules.name:<12}     --     (no .{rules.accuracy_of} to grade)")
+    return lines
+
+
 def format_grade(result: GradeResult) -> str:
     lines = [f"submission   {result.submission}",
              "model        torchvision MobileNetV2 (checked)",
@@ -311,6 +368,7 @@ def format_grade(result: GradeResult) -> str:
                      "the lab's command: torchvision's resize)")
     lines += ["", f"lab score    {result.score:.2f} %   (MFLOPs {result.mflops:.2f}, accuracy "
                   f"{result.score_accuracy:.4f}; full marks at 45 MFLOPs and >= {ACCURACY_BAR})"]
+    lines += format_scores_by_rule(result.scores)
     if result.not_lab_grade:
         lines.append(f"NOT THE LAB'S SCORE: {result.not_lab_grade}")
     lines += [f"note         {n}" for n in result.notes]

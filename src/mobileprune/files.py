@@ -8,7 +8,7 @@ import csv
 import json
 from pathlib import Path
 
-from .errors import MobilepruneError
+from .errors import MobilepruneError, first_line
 
 
 def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
@@ -143,3 +143,78 @@ def unpack(pack_dir: str | Path, dest: str | Path) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MobilepruneError(f"{pack_dir}: the pack does not unpack into {dest} ({e})") from None
     return sorted(p for p in dest.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- a zip from someone else
+# A hand-in is 20-60 MB: the test batch (30.7 MB), a .pth and a .pte (9 MB each at most for a dense
+# model), a notebook. The limits leave room for that many times over and stop a zip bomb early.
+ZIP_MAX_BYTES = 1 << 30  # all members, uncompressed
+ZIP_MAX_MEMBERS = 2_000
+ZIP_MAX_RATIO = 200  # uncompressed / compressed, for a member over 1 MiB (a notebook of text: ~5-10)
+_RATIO_FROM_BYTES = 1 << 20
+
+
+def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int = ZIP_MAX_BYTES,
+                 max_members: int = ZIP_MAX_MEMBERS, max_ratio: float = ZIP_MAX_RATIO) -> Path:
+    """Extract a zip made by someone else into ``dest``, or refuse it in one line naming the limit broken.
+
+    Checked before a byte is written: the member count, the total uncompressed size and each large
+    member's compression ratio (a zip bomb), every name (absolute, '..', a drive: never outside
+    ``dest``), and no links. Checked while writing: that no member inflates past the size its header
+    claims (a forged header). On refusal ``dest`` is emptied again: nothing half-written is left.
+    """
+    import stat
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise MobilepruneError(f"{archive}: not a readable zip ({first_line(e)}); is it truncated?") from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > max_members:
+            raise MobilepruneError(f"{archive}: {len(members):,} members, more than the {max_members:,} allowed")
+        total = sum(m.file_size for m in members)
+        if total > max_bytes:
+            raise MobilepruneError(f"{archive}: {total / 2**20:,.0f} MiB uncompressed, more than the "
+                                   f"{max_bytes / 2**20:,.0f} MiB allowed (a zip bomb?)")
+        for m in members:
+            parts = Path(m.filename.replace("\\", "/")).parts
+            if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise MobilepruneError(f"{archive}: member {m.filename!r} would be written outside its folder")
+            if stat.S_ISLNK(m.external_attr >> 16):
+                raise MobilepruneError(f"{archive}: member {m.filename!r} is a link; a hand-in holds files only")
+            if m.file_size > _RATIO_FROM_BYTES and m.file_size > max_ratio * max(1, m.compress_size):
+                raise MobilepruneError(f"{archive}: member {m.filename!r} inflates {m.file_size / max(1, m.compress_size):,.0f}"
+                                       f"-fold, more than the {max_ratio:g}-fold allowed (a zip bomb?)")
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            for m in members:
+                target = dest.joinpath(*Path(m.filename.replace("\\", "/")).parts)
+                if m.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with zf.open(m) as source, open(target, "wb") as out:
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > m.file_size:
+                            raise MobilepruneError(f"{archive}: member {m.filename!r} inflates past the "
+                                                   f"{m.file_size:,} bytes its header claims (a forged zip)")
+                        out.write(chunk)
+        except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+            _empty(dest)
+            raise MobilepruneError(f"{archive}: cannot extract ({first_line(e)}); is it damaged?") from None
+        except MobilepruneError:
+            _empty(dest)
+            raise
+    return dest
+
+
+def _empty(folder: Path) -> None:
+    import shutil
+
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
