@@ -225,7 +225,8 @@ def test_a_resumed_training_says_where_it_resumes(tmp_path, capsys):
     from mobileprune.train import TrainConfig, train
 
     data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=8, test=4), val_size=10)
-    config = TrainConfig(epochs=2, batch_size=10, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32)
+    config = TrainConfig(epochs=2, batch_size=10, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32,
+                         bf16=False)
     train(build_mobilenet_v2(), data, TrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "t", progress=False)
     capsys.readouterr()
     train(build_mobilenet_v2(), data, config, tmp_path / "t", resume=True, progress=False)

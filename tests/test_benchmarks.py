@@ -138,3 +138,17 @@ def test_stem_stride_trains_a_model_that_reloads_with_its_stride(tmp_path, cifar
     assert script.main(["--baseline", str(weights), "--stride", "0", "--data", str(cifar_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("stem_stride: error: stem stride must be") and err.count("\n") == 1
+
+
+def test_grade_class_bad_inputs_are_one_line(tmp_path, capsys):
+    script = load_script("grade_class")
+    assert script.main(["--model-dir", str(tmp_path / "none"), "--copies", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grade_class: error: ") and "mobilenet.pth" in err and err.count("\n") == 1
+
+
+def test_bf16_accuracy_bad_inputs_are_one_line(capsys):
+    script = load_script("bf16_accuracy")
+    assert script.main(["--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bf16_accuracy: error: --epochs 0: must be above 0\n"

@@ -78,7 +78,7 @@ def test_step_targets_fall_geometrically_to_the_target():
     assert all(r == pytest.approx(0.5) for r in ratios)
 
 
-TINY_TRAIN = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32,
+TINY_TRAIN = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32, bf16=False,
                   eval_batch_size=50, kd_alpha=0.5)
 
 

@@ -24,6 +24,7 @@ warmup_epochs = 0
 resolutions = [32]
 eval_resolution = 32
 eval_batch_size = 50
+bf16 = false
 """
 
 

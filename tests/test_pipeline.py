@@ -8,7 +8,7 @@ from mobileprune.report import collect_release
 
 from conftest import make_cifar_dir
 
-TINY = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32,
+TINY = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32, bf16=False,
             eval_batch_size=50)
 RECIPE = {
     "name": "tiny",
