@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(VENV)/bin/mobileprune run --recipe $(RECIPE)
 
+# Two workers, one thread each (tests/conftest.py): the suite is as much process start-up, tracing
+# and export as arithmetic, and two such streams fill two cores where one does not.
 test: venv runner
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The lab notebook, rebuilt from notebooks/build.py and executed on the best results present
 # (release/, else runs/; see mobileprune.report.find_results).

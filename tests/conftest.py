@@ -13,6 +13,13 @@ from mobileprune.data import RECORD_BYTES
 from mobileprune.models import build_mobilenet_v2
 
 warnings.filterwarnings("ignore")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, and the same for every process a
+    # test starts (CLI subprocesses, grading workers). Two 2-thread torch processes on two cores do
+    # not share, they stall: OpenMP threads spin at barriers waiting for a descheduled sibling
+    # (a 9-s pruning took 121 s beside a training run, 2026-12-06).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-bin"
 
 
@@ -89,3 +96,9 @@ def real_data_or_skip() -> Path:
     if not (folder / "test_batch.bin").is_file():
         pytest.skip(f"real CIFAR-10 not found at {folder} (set MOBILEPRUNE_DATA)")
     return folder
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first (in their files' order), then the rest: two workers (`make test`)
+    then finish together instead of one running a minute-long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

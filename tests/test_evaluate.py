@@ -43,6 +43,7 @@ def _submission(tmp_path, model, pte, with_data=True):
     return folder
 
 
+@pytest.mark.slow
 def test_grade_tiny_submission_folder_and_zip(tmp_path, pruned_model, pruned_pte, capsys):
     folder = _submission(tmp_path, pruned_model, pruned_pte)
     result = evaluate.grade(folder, progress=False)

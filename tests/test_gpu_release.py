@@ -79,6 +79,7 @@ def packed_names(tmp_path: Path) -> set[str]:
 
 
 @needs_bash
+@pytest.mark.slow
 def test_release_script_runs_and_packs_what_comes_back(tmp_path):
     env = release_env(tmp_path)
     run = Path(env["RUN"])

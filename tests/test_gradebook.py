@@ -95,6 +95,7 @@ def _hand_in(folder, model, pte=None, notebook=True):
     return archive
 
 
+@pytest.mark.slow
 def test_grade_a_class_one_row_each_bad_ones_named_rerun_skips(tmp_path, pruned_model, pruned_pte, capsys):
     test_dir = tmp_path / "data"
     write_cifar_bin(test_dir / "test_batch.bin", 16, seed=5)

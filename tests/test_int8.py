@@ -36,6 +36,7 @@ def hand_in(pruned_model, int8_data, tmp_path_factory):
     return out / "model"
 
 
+@pytest.mark.slow
 def test_export_int8_writes_a_checked_whole_xnnpack_program(hand_in):
     record = json.loads((hand_in / "mobilenet.int8.json").read_text())
     assert record["calibration_images"] == 64 and record["check_inputs"] == 64 and record["observer"] == "minmax"
@@ -79,6 +80,7 @@ def test_an_int8_program_of_another_model_is_refused(hand_in, int8_data):
         check_int8_pte_matches(other, hand_in / INT8_PTE, int8_data)
 
 
+@pytest.mark.slow
 def test_grade_int8_measures_the_int8_program_as_it_measures_the_fp32_one(hand_in, int8_data, tmp_path):
     result = grade(hand_in, data=int8_data, int8=True, progress=False)
     assert result.pte_file.endswith(INT8_PTE)

@@ -25,6 +25,7 @@ def test_committed_notebook_is_the_built_one_and_is_executed():
             assert not [o for o in cell.outputs if o.output_type == "error"]
 
 
+@pytest.mark.slow
 def test_notebook_executes_without_error(monkeypatch):
     monkeypatch.delenv("MOBILEPRUNE_RESULTS", raising=False)
     results = find_results(PROJECT, stages=("finegrained", "prune"))  # the best results with both parts

@@ -10,6 +10,13 @@ from conftest import make_cifar_dir
 
 TINY = dict(epochs=1, batch_size=20, lr=0.01, warmup_epochs=0, resolutions=[32], eval_resolution=32, bf16=False,
             eval_batch_size=50)
+
+
+def toml_lines(table: dict) -> str:
+    """A flat table's keys as TOML lines (JSON's numbers, strings, lists and booleans are TOML's)."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+
+
 RECIPE = {
     "name": "tiny",
     "baseline": TINY,
@@ -20,6 +27,7 @@ RECIPE = {
 }
 
 
+@pytest.mark.slow
 def test_whole_pipeline_on_tiny_data_and_resume(tmp_path):
     folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
     recipe = {**RECIPE, "data": {"val_size": 10}}
@@ -94,7 +102,7 @@ def test_cli_train_writes_the_baseline_and_its_summary(tmp_path, capsys):
     folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text("[data]\nval_size = 10\n\n[baseline]\n" +
-                      "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in TINY.items()))
+                      toml_lines(TINY))
     out = tmp_path / "base"
     assert main(["--no-progress", "train", "--recipe", str(recipe), "--data", str(folder), "--out", str(out),
                  "--device", "cpu"]) == 0
@@ -110,8 +118,7 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
     recipe = tmp_path / "more.toml"
     recipe.write_text("[data]\nval_size = 10\n\n[recover]\nimages = 20\nskip_images = 40\nexport = false\n\n"
-                      "[recover.train]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"')
-                                                   for k, v in {**TINY, "epochs": 5, "kd_alpha": 0.5}.items()))
+                      "[recover.train]\n" + toml_lines({**TINY, "epochs": 5, "kd_alpha": 0.5}))
     save_state_with_layout(pruned_model, tmp_path, "pruned")
     save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
     args = ["--no-progress", "recover", str(tmp_path / "pruned.pt"), "--recipe", str(recipe), "--data", str(folder),
@@ -248,7 +255,7 @@ def test_progress_off_a_terminal_is_one_plain_line_per_epoch(tmp_path):
     folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text("[data]\nval_size = 10\n\n[baseline]\n" +
-                      "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in {**TINY, "epochs": 2}.items()))
+                      toml_lines({**TINY, "epochs": 2}))
     done = subprocess.run([sys.executable, "-m", "mobileprune", "train", "--recipe", str(recipe), "--data",
                            str(folder), "--out", str(tmp_path / "base"), "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)  # pipes: not a terminal

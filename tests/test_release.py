@@ -31,6 +31,7 @@ def stated_grade(grade_json: Path, model_dir: Path | None = None) -> dict:
     return stated
 
 
+@pytest.mark.slow
 def test_hand_in_grades_as_stated():
     """The released hand-in (grade.json beside prune/) states the figures README.md quotes, and its .pte,
     re-graded on the real test set, still scores them: a release that regresses (or a grade.json
