@@ -5,6 +5,7 @@ A GPU lease has no time to debug: what the device will run (`mobileprune student
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,7 +248,9 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     assert main(["--no-progress", "unpack", str(tmp_path / "pack"), "--out", str(tmp_path / "back"), "--data",
                  str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "by validation the hand-in is student-1" in out  # student-100 or -150: the strided one is not a hand-in
+    # Any but the strided one, which is not a hand-in: which wins on 8 tiny validation images is chance
+    # (the unpruned start won once, with one thread a worker).
+    assert re.search(r"by validation the hand-in is student-(100|150|318\.97):", out)
     assert "the best with stem stride 7 (not channel pruning alone, docs/method.md): student-20-stride7" in out
     student = tmp_path / "back" / "student-100"
     summary = json.loads((student / "summary.json").read_text())

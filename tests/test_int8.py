@@ -20,6 +20,11 @@ from conftest import make_cifar_dir, tp_pruned_model
 RUNNER = Path(__file__).resolve().parents[1] / "build" / "xnn_executor_runner"
 
 
+# One worker runs this file (`make test`'s --dist loadgroup): its module fixture, an int8 export, takes
+# ~50 s, and built on both workers it cost that twice.
+pytestmark = pytest.mark.xdist_group("int8")
+
+
 @pytest.fixture(scope="module")
 def int8_data(tmp_path_factory):
     # 5,150 training images: the 5,000 validation images held out, 150 left for 64 to calibrate on and 64 to check.

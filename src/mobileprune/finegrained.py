@@ -232,13 +232,17 @@ def allocate_sparsity(scan: dict, model: nn.Module, target_size: float, step: fl
         i, n = level[name], params[name].numel()
         return (drops[name][i + 1] - drops[name][i]) / (n * step), -n  # ties: the bigger layer first
 
+    def zeros(name: str) -> int:  # what fine_grained_prune will zero: round(numel * sparsity), not the product
+        return round(params[name].numel() * grid[level[name]])
+
     heap = [(price(name), name) for name in params]
     heapq.heapify(heap)
-    removed = 0.0
+    removed = 0
     while removed < to_remove:
         _, name = heapq.heappop(heap)
+        before = zeros(name)
         level[name] += 1
-        removed += params[name].numel() * step
+        removed += zeros(name) - before
         if level[name] + 1 < len(grid):
             heapq.heappush(heap, (price(name), name))
     return {name: float(grid[i]) for name, i in level.items()}
