@@ -67,7 +67,6 @@ RULES = (
                                            "of the .pth by the notebook's own evaluation"),
     Rules("2025", "pth", "torchvision", "the 2025 edition: the .pth only; accuracy of the .pth, the same formula"),
 )
-RULE_NAMES = tuple(r.name for r in RULES)
 
 
 def scores_by_rule(mflops: float, pth_accuracy: dict[str, float] | None,
@@ -157,6 +156,13 @@ def unpack_submission(submission: Path, workdir: Path) -> Path:
         if (candidate / "model" / "mobilenet.pth").is_file() or (candidate / "mobilenet.pth").is_file():
             return candidate
     return workdir
+
+
+def missing_notebook(root: Path) -> list[str]:
+    """A note when a hand-in in the lab's layout (``model/``) has no notebook beside it, else none."""
+    if root.is_dir() and (root / "model").is_dir() and not any(root.glob("*.ipynb")):
+        return ["no ID.ipynb beside model/: the revised rules ask for one"]
+    return []
 
 
 def test_set_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -284,8 +290,7 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
         pte_accuracy = {v: (predictions["pte", v] == labels).float().mean().item() for v in variants} \
             if has_pte else None
         scores = scores_by_rule(mflops, pth_accuracy, pte_accuracy)
-        if (root / "model").is_dir() and not any(root.glob("*.ipynb")):
-            notes.append("no ID.ipynb beside model/: the revised rules ask for one")
+        notes += missing_notebook(root)
         if has_pte:
             runner_accuracy = finish_native_runner(native, runner, pte) if native is not None else None
             # Our runner resizes as torchvision does unless told otherwise (--resize runner).

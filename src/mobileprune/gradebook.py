@@ -98,7 +98,7 @@ def _grade_worker(path: str, test_file: str, limit: int | None, workdir: str, co
 
     from .data import read_cifar_bin
     from .errors import quiet_libraries
-    from .evaluate import count_mflops, model_files, predict, unpack_submission
+    from .evaluate import count_mflops, missing_notebook, model_files, predict, unpack_submission
     from .models import load_pickled_model
 
     torch.set_num_threads(1)  # two submissions on two cores
@@ -116,9 +116,7 @@ def _grade_worker(path: str, test_file: str, limit: int | None, workdir: str, co
         images, labels = images[:limit], labels[:limit]
         found = (predict(model, images, "torchvision") == labels).float().mean().item()
         conn.send({"pth_accuracy": found})
-        notes = []
-        if root.is_dir() and (root / "model").is_dir() and not any(root.glob("*.ipynb")):
-            notes.append("no ID.ipynb beside model/ (the revised rules ask for one)")
+        notes = missing_notebook(root)
         if pte.is_file():
             from .export import PteModel, set_runtime_threads
 
