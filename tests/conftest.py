@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -84,11 +85,32 @@ def pruned_model() -> torch.nn.Module:
     return tp_pruned_model()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once for the whole run: the first xdist worker to ask
+    builds it, a second waits for it and shares it. Exports are most of the suite's set-up (the
+    int8 hand-in took a minute on each of the two workers); what they build is deterministic."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def pruned_pte(pruned_model, tmp_path_factory) -> Path:
+    """``pruned_model`` (the same on every worker: seeded) as an XNNPACK program, exported once."""
     from mobileprune.export import export_pte
 
-    return export_pte(pruned_model, tmp_path_factory.mktemp("pte") / "mobilenet.pte")
+    return built_once(tmp_path_factory, "pte", lambda folder: export_pte(pruned_model, folder / "mobilenet.pte")) \
+        / "mobilenet.pte"
 
 
 def real_data_or_skip() -> Path:

@@ -15,25 +15,28 @@ from mobileprune.evaluate import format_grade, grade, predict
 from mobileprune.export import INT8_PTE, PteModel, check_int8_pte_matches, export_int8_pte, quantize_int8
 from mobileprune.models import save_pickled_model
 
-from conftest import make_cifar_dir, tp_pruned_model
+from conftest import built_once, make_cifar_dir, tp_pruned_model
 
 RUNNER = Path(__file__).resolve().parents[1] / "build" / "xnn_executor_runner"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def int8_data(tmp_path_factory):
     # 5,150 training images: the 5,000 validation images held out, 150 left for 64 to calibrate on and 64 to check.
-    return make_cifar_dir(tmp_path_factory.mktemp("int8-data"), per_batch=1030, test=48)
+    return built_once(tmp_path_factory, "int8-data", lambda folder: make_cifar_dir(folder, per_batch=1030, test=48)) \
+        / "cifar-10-batches-bin"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hand_in(pruned_model, int8_data, tmp_path_factory):
-    """``mobileprune export MODEL --out OUT --int8`` on a small pruned model: OUT/model/."""
-    out = tmp_path_factory.mktemp("int8-export")
-    save_pickled_model(pruned_model, out / "in.pth")
-    assert main(["--no-progress", "export", str(out / "in.pth"), "--out", str(out), "--int8", "--calibration", "64",
-                 "--data", str(int8_data)]) == 0
-    return out / "model"
+    """``mobileprune export MODEL --out OUT --int8`` on a small pruned model: OUT/model/ (built once a run:
+    the tests here only read it)."""
+    def export(out: Path):
+        save_pickled_model(pruned_model, out / "in.pth")
+        assert main(["--no-progress", "export", str(out / "in.pth"), "--out", str(out), "--int8", "--calibration",
+                     "64", "--data", str(int8_data)]) == 0
+
+    return built_once(tmp_path_factory, "int8-export", export) / "model"
 
 
 @pytest.mark.slow

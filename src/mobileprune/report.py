@@ -24,10 +24,11 @@ from .files import read_csv  # noqa: E402
 OFFICIAL_TEST_IMAGES = 10_000  # as evaluate.OFFICIAL_TEST_IMAGES: a point on fewer is not plotted
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -38,26 +39,34 @@ def _short(name: str) -> str:
 
 
 def _layer_grid(names: list[str], draw, path: str | Path, title: str, sharey: bool = False) -> Path:
-    """One small panel per layer, eight to a row; ``draw(ax, name)`` fills a panel."""
+    """One small panel per layer, eight to a row; ``draw(ax, name)`` fills a panel.
+
+    Margins are set in inches rather than by ``tight_layout``, which renders a grid of 53 panels
+    once more only to measure it (half the time of the whole figure).
+    """
     cols = 8
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), sharey=sharey)
+    width, height = 2.2 * cols, 1.8 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), sharey=sharey, squeeze=False)
     for ax, name in zip(axes.flat, names):
         draw(ax, name)
         ax.set_title(_short(name), fontsize=7)
         ax.tick_params(labelsize=5)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(title)
-    return _save(fig, path)
+    fig.subplots_adjust(left=0.45 / width, right=1 - 0.15 / width, bottom=0.3 / height, top=1 - 0.75 / height,
+                        wspace=0.35, hspace=0.75)
+    fig.suptitle(title, y=1 - 0.15 / height, va="top")
+    return _save(fig, path, tight=False)
 
 
 def plot_weight_distribution(histograms: dict[str, dict], path: str | Path) -> Path:
     """Each prunable layer's histogram of non-zero weights (``finegrained.weight_histograms``; the lab's first question)."""
     def draw(ax, name):
-        counts = np.asarray(histograms[name]["counts"])
+        counts = np.asarray(histograms[name]["counts"], dtype=float)
         edges = np.linspace(*histograms[name]["range"], len(counts) + 1)
-        ax.hist(edges[:-1], bins=edges, weights=counts, color="tab:blue", density=True)
+        density = counts / max(counts.sum() * (edges[1] - edges[0]), 1e-30)
+        ax.stairs(density, edges, fill=True, color="tab:blue")  # one artist, not a patch a bin (3x faster)
 
     return _layer_grid(list(histograms), draw, path, "Weight distribution per layer (non-zero weights)")
 
