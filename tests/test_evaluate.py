@@ -167,3 +167,29 @@ def test_a_pte_is_fed_contiguous_memory_whatever_view_it_is_given(pruned_pte):
     assert torch.allclose(pte(view), pte(x.contiguous()))
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert torch.allclose(pte(channels_last), pte(x))
+
+
+def test_predict_folds_batchnorm_and_predicts_as_the_plain_model_does(pruned_model):
+    import copy
+
+    from torch import nn
+
+    folded = evaluate.fold_batchnorm(copy.deepcopy(pruned_model).eval())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = pruned_model.eval()(evaluate.preprocess(images)).argmax(1)
+    assert evaluate.predict(pruned_model, images).tolist() == plain.tolist()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in pruned_model.modules())  # the caller's model is untouched
+
+    class Untraceable(nn.Module):  # control flow on a value: FX cannot trace it, so it runs unfolded
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).mean((2, 3))
+            return y if y.sum() > 0 else -y
+
+    model = Untraceable().eval()
+    assert evaluate.fold_batchnorm(model) is model and evaluate.predict(model, images).shape == (24,)

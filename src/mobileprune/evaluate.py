@@ -85,6 +85,18 @@ def scores_by_rule(mflops: float, pth_accuracy: dict[str, float] | None,
     return scores
 
 
+@torch.no_grad()  # not inference_mode: the folded weights must stay usable outside it
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode; changed in place) with each BatchNorm folded into the convolution
+    before it, for inference; ``model`` as it is where FX cannot trace it (a stranger's forward)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model, inplace=True)
+    except Exception:  # noqa: BLE001 - any tracing failure: unfolded is merely slower
+        return model
+
+
 @torch.inference_mode()
 def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_size: int | None = None,
             device: str | torch.device = "cpu", progress: bool = False, desc: str = "eval",
@@ -93,14 +105,17 @@ def predict(model, images: torch.Tensor, variant: str = "torchvision", batch_siz
 
     On a CPU, small batches (16) in channels_last run a MobileNetV2 at 224 px about 4x faster than
     batches of 250 in the default layout (2.2 against 9-13 ms an image on 2 cores): a batch's
-    activations then fit in the caches. Same predictions (largest logit difference ~3e-6).
+    activations then fit in the caches. Each BatchNorm is folded into its convolution too
+    (``fold_batchnorm``): 3.4 -> 2.4 ms an image for the hand-in at one thread. Same predictions:
+    on the 10,000 test images the hand-in's logits differ by at most 2.6e-6 of the largest, and no
+    prediction changes (its closest top-2 margin is 1.8e-4; 2-core EPYC, 2026-12-06).
     ``size`` other than 224 is for quick CPU runs only; grading always runs at 224.
     """
     is_module = isinstance(model, nn.Module)
     on_gpu = is_module and torch.device(device).type == "cuda"
     batch_size = batch_size or (250 if on_gpu else 16)
     if is_module:  # a channels_last copy: the caller's model keeps its layout (and its training mode)
-        model = copy.deepcopy(model).to(device).eval().to(memory_format=torch.channels_last)
+        model = fold_batchnorm(copy.deepcopy(model).to(device).eval()).to(memory_format=torch.channels_last)
     predictions = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
