@@ -246,10 +246,23 @@ def _graded_predictions(jobs: list[tuple], progress: bool) -> dict[tuple, torch.
             try:
                 results[job] = future.result()
             except BrokenProcessPool:
-                what = "not a loadable ExecuTorch program (the runtime aborted on it)" if job[0] == "pte" else \
-                    "its evaluation process died"
-                raise MobilepruneError(f"{job[1]}: {what}") from None
+                raise MobilepruneError(_which_died(jobs, job)) from None
     return results
+
+
+def _which_died(jobs: list[tuple], first_broken: tuple) -> str:
+    """The one line for a broken pool. A worker's death breaks every pending job, so the first broken
+    one need not be the culprit: a .pte that aborts the runtime may end its worker while the .pth's is
+    still running. A .pte among the jobs is run alone in a child process to say which."""
+    from .export import probe_pte
+
+    for kind, path, *_ in jobs:
+        if kind == "pte":
+            try:
+                probe_pte(path)
+            except MobilepruneError:
+                return f"{path}: not a loadable ExecuTorch program (the runtime aborted on it)"
+    return f"{first_broken[1]}: its evaluation process died"
 
 
 def grade(submission: str | Path, data: str | Path | None = None, limit: int | None = None,
