@@ -152,3 +152,28 @@ def test_bf16_accuracy_bad_inputs_are_one_line(capsys):
     assert script.main(["--epochs", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "bf16_accuracy: error: --epochs 0: must be above 0\n"
+
+
+def test_teacher_cache_distils_the_same_students_both_ways_and_says_when_it_pays(tmp_path, capsys):
+    from mobileprune.distill import TeacherNet, save_teacher
+    from mobileprune.files import write_json
+    from mobileprune.models import save_state_with_layout
+
+    from conftest import make_cifar_dir, tp_pruned_model
+
+    script = load_script("teacher_cache")
+    data = make_cifar_dir(tmp_path / "d", per_batch=12, test=4)
+    save_teacher(TeacherNet([8, 16, 16], depth=2).eval(), tmp_path / "teacher.pt")
+    save_state_with_layout(tp_pruned_model(ratio=0.7), tmp_path / "students" / "student-9", "mobilenet")
+    write_json(tmp_path / "students" / "student-9" / "student.json", {"target_mflops": 9, "mflops": 9.0})
+    common = ["--teacher", str(tmp_path / "teacher.pt"), "--students", str(tmp_path / "students"), "--data", str(data)]
+    assert script.main(common + ["--epochs", "1", "--batch-size", "20", "--resolution", "32", "--bf16", "off", "--val-size", "5",
+                                "--json", str(tmp_path / "cache.json")]) == 0
+    out = capsys.readouterr().out
+    assert "cache: 9 views of 55 images" in out and "on the fly: " in out and "cached: " in out
+    assert "the cache saves" in out
+    figures = json.loads((tmp_path / "cache.json").read_text())
+    assert set(figures["runs"]) == {"on the fly", "cached"} and figures["cache_seconds"] > 0
+    assert all(0 <= r["val_accuracy"]["student-9"] <= 1 for r in figures["runs"].values())
+    assert script.main(["--teacher", str(tmp_path / "nosuch.pt"), "--students", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"teacher_cache: error: {tmp_path / 'nosuch.pt'}: no such file or folder\n"

@@ -215,7 +215,7 @@ eval_batch_size = 50
 @pytest.mark.slow
 def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_path, capsys):
     from mobileprune.evaluate import count_mflops
-    from mobileprune.models import build_mobilenet_v2, load_model, save_pickled_model
+    from mobileprune.models import build_mobilenet_v2, changed_strides, load_model, save_pickled_model
 
     folder = make_cifar_dir(tmp_path / "d", per_batch=16, test=10)
     (tmp_path / "tiny.toml").write_text(RECIPE)
@@ -224,13 +224,16 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     # One pruned student, the start and a strided one: each student costs an export on the way back.
     assert main(["--no-progress", "students", "--baseline", str(tmp_path / "dense.pth"), "--out",
                  str(tmp_path / "students"), "--targets", "100", "--with-start", *common]) == 0
-    # A student whose stem downsamples the upsample to 32-px maps (26.05 MFLOPs with every channel), cut to 20.
+    # An open-track student in the CIFAR layout: the stem reads the upsample at 32 px and features.2 keeps
+    # that resolution (92.8 MFLOPs with every channel), cut to 20.
     assert main(["--no-progress", "students", "--baseline", str(tmp_path / "dense.pth"), "--out",
-                 str(tmp_path / "students"), "--targets", "20", "--stem-stride", "7", *common]) == 0
+                 str(tmp_path / "students"), "--targets", "20", "--stem-stride", "7", "--strides", "features.2=1",
+                 *common]) == 0
     records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "students").glob("*/student.json")}
-    assert set(records) == {"student-100", "student-318.97", "student-20-stride7"}
+    assert set(records) == {"student-100", "student-318.97", "student-20-f0s7-f2s1"}
     assert not records.pop("student-318.97")["pruned"]  # the start itself, unpruned, too
-    assert records["student-20-stride7"]["stem_stride"] == 7 and records["student-100"]["stem_stride"] == 2
+    assert records["student-20-f0s7-f2s1"]["strides"] == {"features.0": 7, "features.2": 1}
+    assert records["student-20-f0s7-f2s1"]["stem_stride"] == 7 and records["student-100"]["strides"] == {}
     assert all(r["target_mflops"] - 0.5 <= r["mflops"] <= r["target_mflops"] and r["pruned"] for r in records.values())
     assert all(r["start"] == str(tmp_path / "dense.pth") for r in records.values())
 
@@ -252,7 +255,8 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     # Any but the strided one, which is not a hand-in: which wins on 8 tiny validation images is chance
     # (the unpruned start won once, with one thread a worker).
     assert re.search(r"by validation the hand-in is student-(100|318\.97):", out)
-    assert "the best with stem stride 7 (not channel pruning alone, docs/method.md): student-20-stride7" in out
+    assert ("the best on the open track with features.0 stride 7, features.2 stride 1 (not channel pruning alone, "
+            "docs/method.md): student-20-f0s7-f2s1") in out
     student = tmp_path / "back" / "student-100"
     summary = json.loads((student / "summary.json").read_text())
     assert summary["test_images"] == 10 and 0 <= summary["test_accuracy"] <= 1
@@ -262,8 +266,8 @@ def test_distill_end_to_end_on_tiny_data_students_pack_unpack_grade_report(tmp_p
     assert graded["mflops"] == pytest.approx(summary["mflops"]) and graded["pte_accuracy"] is not None
     report = (tmp_path / "back" / "REPORT.md").read_text()
     assert "## Distillation: a 32-px teacher and 3 students" in report and "`student-100`" in report
-    strided = load_model(tmp_path / "back" / "student-20-stride7" / "mobilenet.pth")  # the stride survives the trip
-    assert strided.features[0][0].stride == (7, 7) and 19.5 <= count_mflops(strided)[0] <= 20
+    strided = load_model(tmp_path / "back" / "student-20-f0s7-f2s1" / "mobilenet.pth")  # the strides survive the trip
+    assert changed_strides(strided) == {"features.0": 7, "features.2": 1} and 19.5 <= count_mflops(strided)[0] <= 20
 
     # A second distill into the same folder is done already; other students there are refused.
     assert main(["--no-progress", "distill", "--students", str(tmp_path / "students"), "--out", str(tmp_path / "run"),

@@ -193,3 +193,26 @@ def test_predict_folds_batchnorm_and_predicts_as_the_plain_model_does(pruned_mod
 
     model = Untraceable().eval()
     assert evaluate.fold_batchnorm(model) is model and evaluate.predict(model, images).shape == (24,)
+
+
+def test_a_changed_stride_is_the_open_track_package_refuses_it_unless_asked_and_the_grade_says_so(tmp_path, cifar_dir,
+                                                                                                capsys):
+    from mobileprune.export import export_pte
+    from mobileprune.models import set_strides
+
+    torch.manual_seed(0)
+    model = set_strides(build_mobilenet_v2(), {"features.0": 7, "features.2": 1}).eval()
+    model_dir = tmp_path / "open"
+    save_pickled_model(model, model_dir / "mobilenet.pth")
+    export_pte(model, model_dir / "mobilenet.pte", check_samples=1)
+    args = ["--no-progress", "package", "--id", "s1", "--model-dir", str(model_dir), "--out", str(tmp_path / "zips"),
+            "--data", str(cifar_dir), "--grade-limit", "8", "--notebook", str(tmp_path / "none.ipynb")]
+    capsys.readouterr()  # the export's runtime chatter
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "open track: features.0 stride 7, features.2 stride 1" in err and "--track open" in err
+    assert err.count("\n") == 1 and not (tmp_path / "zips").exists()
+    assert main(args + ["--track", "open"]) == 0
+    out = capsys.readouterr().out
+    assert "model        MobileNetV2, open track: features.0 stride 7, features.2 stride 1, checked" in out
+    assert "note         open track: strides changed from torchvision's" in out

@@ -118,7 +118,7 @@ def test_grade_a_class_one_row_each_bad_ones_named_rerun_skips(tmp_path, pruned_
     rows = {r["id"]: r for r in csv.DictReader(open(table))}
     assert sorted(rows) == [f"100000{i}" for i in range(1, 8)]
     good = rows["1000001"]
-    assert good["status"] == "graded" and good["model"] == "torchvision MobileNetV2"
+    assert good["status"] == "graded" and good["model"] == "torchvision MobileNetV2 (strict track)"
     assert float(good["mflops"]) == pytest.approx(evaluate.count_mflops(pruned_model)[0], abs=1e-5)
     # the .pte and the .pth predict the same classes, under either resize here
     mflops, accuracy = float(good["mflops"]), float(good["pte_accuracy"])

@@ -90,6 +90,27 @@ def test_a_stem_stride_is_recorded_in_the_layout_and_rebuilt(tmp_path):
             models.set_stem_stride(models.build_mobilenet_v2(), bad)
 
 
+def test_a_stride_plan_sets_the_cifar_layout_which_survives_its_layout_file(tmp_path):
+    from mobileprune.evaluate import count_mflops
+
+    model = models.set_strides(models.build_mobilenet_v2(), models.parse_stride_plan("features.0=7,features.2=1"))
+    assert model.features[0][0].stride == (7, 7) and model.features[2].conv[1][0].stride == (1, 1)
+    assert models.changed_strides(model) == {"features.0": 7, "features.2": 1} and models.track_of(model) == "open"
+    assert models.track_of(models.build_mobilenet_v2()) == "strict"
+    # maps of 32/32/16/8/4 px: 92.8 MFLOPs with every channel (issue #33), where stem 7 alone gives 26.05
+    assert count_mflops(model)[0] == pytest.approx(92.8, abs=0.05)
+    rebuilt = models.load_state_with_layout(models.save_state_with_layout(model, tmp_path, "cifar")[0])
+    assert models.changed_strides(rebuilt) == {"features.0": 7, "features.2": 1}
+    assert models.describe_strides(models.changed_strides(rebuilt)) == \
+        "MobileNetV2, open track: features.0 stride 7, features.2 stride 1"
+    for bad, message in (("features.3=1", "'features.3' is not a block that downsamples"),
+                         ("features.2=9", "features.2 stride 9 must be a whole number from 1 to 4"),
+                         ("features.0:7", "write BLOCK=STRIDE"), ("features.0=x", "each stride must be a whole number"),
+                         ({"features.0": True}, "features.0 stride True")):
+        with pytest.raises(MobilepruneError, match=message):
+            models.parse_stride_plan(bad)
+
+
 def test_layout_that_does_not_fit_its_weights(tmp_path, pruned_model):
     weights, _ = models.save_state_with_layout(pruned_model, tmp_path, "pruned")
     models.save_state_with_layout(models.build_mobilenet_v2(), tmp_path, "dense")

@@ -47,3 +47,19 @@ def test_students_stem_stride_is_range_checked_when_the_recipe_loads():
     assert StudentsConfig.from_dict({"stem_stride": 7}).stem_stride == 7
     with pytest.raises(MobilepruneError, match="stem stride must be a whole number from 1 to 16"):
         StudentsConfig.from_dict({"stem_stride": 40})
+
+
+def test_students_take_a_stride_plan_that_agrees_with_their_stem_stride():
+    from mobileprune.channel import StudentsConfig, student_name, student_strides
+
+    config = StudentsConfig.from_dict({"strides": {"features.2": 1}, "stem_stride": 7})
+    assert config.stride_plan() == {"features.2": 1, "features.0": 7}
+    with pytest.raises(MobilepruneError, match="stem_stride 5 and strides features.0 = 7 disagree"):
+        StudentsConfig.from_dict({"strides": {"features.0": 7}, "stem_stride": 5})
+    with pytest.raises(MobilepruneError, match="not a block that downsamples"):
+        StudentsConfig.from_dict({"strides": {"features.1": 1}})
+    assert student_name(20, {}) == "student-20" and student_name(20, 7) == "student-20-stride7"
+    assert student_name(20, {"features.0": 7, "features.2": 1}) == "student-20-f0s7-f2s1"
+    assert student_strides({"stem_stride": 7}) == {"features.0": 7}  # a student.json from before stride plans
+    assert student_strides({"stem_stride": 7, "strides": {"features.0": 7, "features.2": 1}}) == \
+        {"features.0": 7, "features.2": 1}

@@ -569,6 +569,10 @@ class StudentsConfig:
     # 32-px maps of the 32-px picture, models.set_stem_stride); 0: the start's stem as it is. A
     # student whose stem is not torchvision's is named for it (student-20-stride7).
     stem_stride: int = 0
+    # The open track's stride plan, set before the cut: {"features.0": 7, "features.2": 1} is the CIFAR
+    # layout (models.set_strides). A student with any stride changed is named for its plan
+    # (student-20-f0s7-f2s1) and is never the strict hand-in.
+    strides: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict) -> "StudentsConfig":
@@ -579,6 +583,7 @@ class StudentsConfig:
         if config.stem_stride:
             from .models import check_stem_stride
             check_stem_stride(config.stem_stride)
+        config.stride_plan()  # checks the plan and that it agrees with stem_stride
         targets = config.targets
         if not isinstance(targets, list) or not targets or not all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in targets):
@@ -587,9 +592,37 @@ class StudentsConfig:
         return config
 
 
-def student_name(target: float, stem_stride: int = 2) -> str:
-    """``student-20``; ``student-20-stride7`` for a stem other than torchvision's (stride 2)."""
-    return f"student-{target:g}" + (f"-stride{stem_stride}" if stem_stride != 2 else "")
+    def stride_plan(self) -> dict[str, int]:
+        """``strides`` with ``stem_stride`` as its ``features.0``, checked (models.parse_stride_plan)."""
+        from .models import parse_stride_plan
+
+        plan = parse_stride_plan(self.strides)
+        if self.stem_stride:
+            if plan.get("features.0", self.stem_stride) != self.stem_stride:
+                raise MobilepruneError(f"[students] stem_stride {self.stem_stride} and strides features.0 = "
+                                       f"{plan['features.0']} disagree: give one")
+            plan["features.0"] = self.stem_stride
+        return plan
+
+
+def student_name(target: float, strides: dict[str, int] | int = 2) -> str:
+    """``student-20``; ``student-20-stride7`` for a stem other than torchvision's alone; for any other
+    plan its blocks and strides (``student-20-f0s7-f2s1``). ``strides``: changed_strides, or a stem stride."""
+    if isinstance(strides, int):
+        strides = {"features.0": strides} if strides != 2 else {}
+    if not strides:
+        return f"student-{target:g}"
+    if set(strides) == {"features.0"}:
+        return f"student-{target:g}-stride{strides['features.0']}"
+    return f"student-{target:g}-" + "-".join(f"f{block.split('.')[1]}s{stride}" for block, stride in strides.items())
+
+
+def student_strides(record: dict) -> dict[str, int]:
+    """The changed strides a student.json or summary records (before the stride plan, its stem stride alone)."""
+    if "strides" in record:
+        return record["strides"] or {}
+    stem = record.get("stem_stride", 2)
+    return {"features.0": stem} if stem != 2 else {}
 
 
 def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir: str | Path, device: str = "cpu",
@@ -604,15 +637,17 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
     there is not pruned again.
     """
     from .evaluate import accuracy
-    from .models import save_state_with_layout, set_stem_stride
+    from .models import changed_strides, save_state_with_layout, set_strides
     from .train import recalibrate_batchnorm
 
     out = Path(out_dir)
     prune_config = PruneStepConfig.from_dict(config.prune)
-    if config.stem_stride:  # the same weights, the stem downsampling harder: its statistics are re-estimated
-        baseline = set_stem_stride(copy.deepcopy(baseline), config.stem_stride)
+    plan = config.stride_plan()
+    if plan:  # the same weights, other strides: the statistics are re-estimated below
+        baseline = set_strides(copy.deepcopy(baseline), plan)
     start_mflops = count_mflops(baseline.cpu().eval())[0]
-    stem_stride = baseline.features[0][0].stride[0]  # set here, or already in the start's layout
+    strides = changed_strides(baseline)  # set here, or already in the start's layout
+    stem_stride = baseline.features[0][0].stride[0]
     too_big = [t for t in config.targets if t >= start_mflops]
     if too_big:
         raise MobilepruneError(f"student targets {too_big} MFLOPs are not below the starting model's "
@@ -620,7 +655,7 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
     records = []
     jobs = [(round(start_mflops, 2), None)] if keep_start else []
     for target, cut in jobs + [(t, t) for t in sorted(config.targets, reverse=True)]:
-        folder = out / student_name(target, stem_stride)
+        folder = out / student_name(target, strides)
         if (folder / "student.json").is_file():
             records.append(json.loads((folder / "student.json").read_text()))
             continue
@@ -628,18 +663,18 @@ def prepare_students(baseline: nn.Module, data, config: StudentsConfig, out_dir:
             model, recalibration = copy.deepcopy(baseline).cpu().eval(), 0
         else:
             model = prune_to_mflops(baseline, cut, prune_config, data, device)
-        if cut is not None or config.stem_stride:
+        if cut is not None or plan:
             recalibration = min(config.bn_recalibration_images, len(data.train_labels))
             recalibrate_batchnorm(model, data.train_images[:recalibration], INPUT_SIZE, device=device)
         limit = config.val_images or None
         val = accuracy(model, data.val_images[:limit], data.val_labels[:limit], device=device, progress=progress,
-                       desc=student_name(target, stem_stride))
+                       desc=student_name(target, strides))
         mflops, params = count_mflops(model.cpu())
         save_state_with_layout(model, folder, "mobilenet")
         record = {"target_mflops": target, "mflops": mflops, "params": params, "val_accuracy": val,
                   "val_images": len(data.val_labels[:limit]), "bn_recalibration_images": recalibration,
                   "start": start, "start_mflops": start_mflops, "pruned": cut is not None,
-                  "stem_stride": stem_stride,
+                  "stem_stride": stem_stride, "strides": strides,
                   "prune": config.prune if cut is not None else None}
         write_json(folder / "student.json", record)
         records.append(record)

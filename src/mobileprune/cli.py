@@ -153,7 +153,7 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import RESIZE_VARIANTS
-    from .package import PACKAGE_RULES
+    from .package import PACKAGE_RULES, TRACKS
 
     parser = _Parser(prog="mobileprune", description=__doc__)
     parser.add_argument("--no-progress", action="store_true",
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "student (one already pruned and trained, say)")
     p.add_argument("--stem-stride", type=_positive, help="set the stem's stride before the cut (torchvision's is 2; 7 "
                                                    "hands the network 32-px maps of the 32-px picture)")
+    p.add_argument("--strides", help="the open track's stride plan, set before the cut: BLOCK=STRIDE,... over "
+                                      "features.0 (the stem), features.2, .4, .7, .14; features.0=7,features.2=1 "
+                                      "is the CIFAR layout (32/32/16/8/4-px maps)")
 
     p = sub.add_parser("teacher", help="train the 32-px teacher alone (what `mobileprune distill` trains first)")
     _add_chunk_arg(p)
@@ -334,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", choices=PACKAGE_RULES, default="original",
                    help="the lab's layout (default) or the 04/02 revision's: model/mobilenet.pth and STUDENT_ID.ipynb "
                         "only, graded on the .pth")
+    p.add_argument("--track", choices=TRACKS, default="strict",
+                   help="strict (default): torchvision's strides, channel pruning only; open: a model with strides "
+                        "changed is handed in too (Part 2 asks for channel pruning: the course must accept it)")
     _add_data_args(p)
 
     p = sub.add_parser("report", help="redraw the plots and write REPORT.md of a run folder or a release")
@@ -615,7 +621,8 @@ def cmd_average(args) -> None:
 
 
 def cmd_students(args) -> None:
-    from .channel import StudentsConfig, prepare_students, student_name
+    from .channel import StudentsConfig, prepare_students, student_name, student_strides
+    from .models import parse_stride_plan
     from .recipes import load_recipe, section
 
     recipe = load_recipe(args.recipe)
@@ -624,6 +631,8 @@ def cmd_students(args) -> None:
         settings["targets"] = list(args.targets)
     if args.stem_stride is not None:
         settings["stem_stride"] = args.stem_stride
+    if args.strides is not None:
+        settings["strides"] = parse_stride_plan(args.strides)
     config = StudentsConfig.from_dict(settings)
     baseline = _baseline(args, recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "students")
@@ -633,7 +642,7 @@ def cmd_students(args) -> None:
                                keep_start=args.with_start, start=start)
     for r in records:
         how = "after pruning" if r.get("pruned", True) else "as it is"
-        name = student_name(r["target_mflops"], r.get("stem_stride", 2))
+        name = student_name(r["target_mflops"], student_strides(r))
         print(f"{name}: {r['mflops']:.2f} MFLOPs, {r['params']:,} params, val {r['val_accuracy']:.4f} {how} "
               f"({r['val_images']:,} images)")
     print(f"wrote {out}/student-*/ (mobilenet.pt + layout, student.json): `mobileprune distill --students {out}`")
@@ -693,6 +702,7 @@ def cmd_pack(args) -> None:
 
 
 def cmd_unpack(args) -> None:
+    from .channel import student_strides
     from .data import find_data_dir, load_split
     from .distill import choose_by_validation, finish_students
     from .evaluate import lab_score
@@ -711,10 +721,12 @@ def cmd_unpack(args) -> None:
     if best:
         print(f"by validation the hand-in is {best['student']}: grade it with `mobileprune grade "
               f"{args.out}/{best['student']}`")
-    for stride in sorted({s.get("stem_stride", 2) for s in summaries} - {2}):
-        strided = choose_by_validation(summaries, stride)
-        print(f"beside it, the best with stem stride {stride} (not channel pruning alone, docs/method.md): "
-              f"{strided['student']}")
+    plans = {json.dumps(student_strides(s), sort_keys=True) for s in summaries} - {"{}"}
+    for plan in sorted(plans):
+        strides = json.loads(plan)
+        where = ", ".join(f"{block} stride {stride}" for block, stride in strides.items())
+        print(f"beside it, the best on the open track with {where} (not channel pruning alone, docs/method.md): "
+              f"{choose_by_validation(summaries, strides)['student']}")
     print(f"report: {write_report(args.out, plots=True)}")
 
 
@@ -741,7 +753,8 @@ def cmd_package(args) -> None:
 
     model_dir = args.model_dir or find_results() / "prune"
     archive, result = package(args.student_id, model_dir, args.out, args.notebook, args.runner, args.data,
-                              args.grade_limit, progress=not args.no_progress, int8=args.int8, rules=args.rules)
+                              args.grade_limit, progress=not args.no_progress, int8=args.int8, rules=args.rules,
+                              track=args.track)
     with zipfile.ZipFile(archive) as z:
         print(f"wrote {archive}: " + ", ".join(z.namelist()))
     print(format_grade(result))

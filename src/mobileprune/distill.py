@@ -656,7 +656,8 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
              "device": str(device), "precision": precision, "config": asdict(config), "students": {}}
     for s in trainees:
         best = s.history[s.best_epoch - 1] if s.best_epoch else {}
-        summary = {**{k: s.record[k] for k in ("target_mflops", "mflops", "params", "prune", "stem_stride")
+        summary = {**{k: s.record[k] for k in ("target_mflops", "mflops", "params", "prune", "stem_stride",
+                                                     "strides")
                       if k in s.record},
                    "val_after_pruning": s.record.get("val_accuracy"), "val_accuracy": s.best_val,
                    "best_epoch": s.best_epoch, "kept": s.best_weights, "epochs": epoch,
@@ -788,10 +789,11 @@ def finish_students(run: str | Path, test: tuple[torch.Tensor, torch.Tensor] | N
     return summaries
 
 
-def choose_by_validation(summaries: list[dict], stem_stride: int = 2) -> dict | None:
+def choose_by_validation(summaries: list[dict], strides: dict[str, int] | None = None) -> dict | None:
     """The student with the highest lab score computed with its *validation* accuracy, among those whose
-    stem has ``stem_stride`` (torchvision's 2: the hand-in is channel pruning alone, docs/method.md)."""
+    changed strides are ``strides`` (none: the strict hand-in, channel pruning alone, docs/method.md)."""
+    from .channel import student_strides
     from .evaluate import lab_score
 
-    candidates = [s for s in summaries if s.get("stem_stride", 2) == stem_stride]
+    candidates = [s for s in summaries if student_strides(s) == (strides or {})]
     return max(candidates, key=lambda s: lab_score(s["mflops"], s["val_accuracy"])) if candidates else None

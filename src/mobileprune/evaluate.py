@@ -149,9 +149,15 @@ class GradeResult:
     runner_accuracy: float | None = None  # what the native runner printed, when one was given
     pte_file: str | None = None  # the program graded (an int8 one is named mobilenet.int8.pte beside the .pth)
     scores: dict[str, dict] = field(default_factory=dict)  # by edition of the rules: scores_by_rule
+    strides: dict[str, int] = field(default_factory=dict)  # blocks whose stride is not torchvision's: the open track
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Said beside every grade of a model whose strides are not torchvision's (issue #33's ruling).
+OPEN_TRACK_NOTE = ("open track: strides changed from torchvision's, then channels pruned; Part 2 asks for channel "
+                   "pruning, so the course must accept the change (docs/method.md, two tracks)")
 
 
 def unpack_submission(submission: Path, workdir: Path) -> Path:
@@ -282,7 +288,7 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     ``mobilenet.int8.pte`` beside the .pth instead (``export --int8`` writes it), exactly as the fp32 one.
     """
     from .export import check_pte_file
-    from .models import load_pickled_model
+    from .models import changed_strides, load_pickled_model
 
     submission = Path(submission)
     notes = []
@@ -297,6 +303,9 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
             raise MobilepruneError(f"{pte}: no such file (write it: mobileprune export MODEL --out DIR --int8)")
         model = load_pickled_model(pth, trust_pickle=trust_pickle)  # checks it is a torchvision MobileNetV2
         mflops, params = count_mflops(model)
+        strides = changed_strides(model)
+        if strides:
+            notes.append(OPEN_TRACK_NOTE)
         has_pte = pte.is_file()
         if has_pte:
             check_pte_file(pte)  # a file that is no program at all is refused before any process starts
@@ -335,7 +344,7 @@ def grade(submission: str | Path, data: str | Path | None = None, limit: int | N
     headline = scores["original" if has_pte else "revised"]
     return GradeResult(str(submission), mflops, params, len(labels), pth_accuracy, pte_accuracy,
                        headline["accuracy"], headline["score"], notes, caveat, runner_accuracy,
-                       pte_file=str(pte) if has_pte else None, scores=scores)
+                       pte_file=str(pte) if has_pte else None, scores=scores, strides=strides)
 
 
 def start_native_runner(runner: str | Path, pte: Path, test_file: Path, limit: int | None = None):
@@ -385,8 +394,10 @@ def format_scores_by_rule(scores: dict[str, dict]) -> list[str]:
 
 
 def format_grade(result: GradeResult) -> str:
+    from .models import describe_strides
+
     lines = [f"submission   {result.submission}",
-             "model        torchvision MobileNetV2 (checked)",
+             f"model        {describe_strides(result.strides)}, checked",
              f"MFLOPs       {result.mflops:.6f}   ({result.mflops / DENSE_MFLOPS:.1%} of dense)",
              f"parameters   {result.params:,}",
              f"test images  {result.images:,}",

@@ -81,16 +81,6 @@ def append_row(path: Path, row: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- one submission, in a worker
-def describe_model(model) -> str:
-    """The model check's verdict: torchvision's MobileNetV2, or which strides it changed (open track)."""
-    from .models import channel_layout
-
-    changed = {name: shape["stride"][0] for name, shape in channel_layout(model)["layers"].items() if "stride" in shape}
-    if not changed:
-        return "torchvision MobileNetV2"
-    return "MobileNetV2, strides changed (open track): " + ", ".join(f"{n} stride {s}" for n, s in changed.items())
-
-
 def _grade_worker(path: str, test_file: str, limit: int | None, workdir: str, conn) -> None:
     """Measure one submission, sending each result as soon as it is known: if the process dies or is
     killed (a .pte that aborts the runtime, the time limit), the parent keeps what came before."""
@@ -99,7 +89,7 @@ def _grade_worker(path: str, test_file: str, limit: int | None, workdir: str, co
     from .data import read_cifar_bin
     from .errors import quiet_libraries
     from .evaluate import count_mflops, missing_notebook, model_files, predict, unpack_submission
-    from .models import load_pickled_model
+    from .models import changed_strides, describe_strides, load_pickled_model
 
     torch.set_num_threads(1)  # two submissions on two cores
     quiet_libraries()
@@ -110,7 +100,7 @@ def _grade_worker(path: str, test_file: str, limit: int | None, workdir: str, co
         conn.send({"stage": "loading the .pth"})
         model = load_pickled_model(pth)  # through the allowlist: nothing in it runs
         mflops, params = count_mflops(model)
-        conn.send({"model": describe_model(model), "mflops": mflops, "params": params,
+        conn.send({"model": describe_strides(changed_strides(model)), "mflops": mflops, "params": params,
                    "stage": "evaluating the .pth"})
         images, labels = read_cifar_bin(test_file)
         images, labels = images[:limit], labels[:limit]

@@ -180,6 +180,72 @@ def check_stem_stride(stride) -> None:
         raise MobilepruneError(f"stem stride must be a whole number from 1 to 16 (got {stride!r})")
 
 
+# The blocks of torchvision's MobileNetV2 that downsample, each by its one strided convolution (stride
+# 2): the stem, and the depthwise convolution that opens four of its stages. A stride plan names these.
+STRIDED_BLOCKS = {"features.0": "features.0.0", "features.2": "features.2.conv.1.0",
+                  "features.4": "features.4.conv.1.0", "features.7": "features.7.conv.1.0",
+                  "features.14": "features.14.conv.1.0"}
+
+
+def parse_stride_plan(plan) -> dict[str, int]:
+    """A stride plan (``{"features.0": 7, "features.2": 1}``, or the CLI's ``features.0=7,features.2=1``)
+    checked: only the blocks that downsample in torchvision's model, each at a whole stride."""
+    if isinstance(plan, str):
+        pairs = [item.partition("=") for item in plan.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise MobilepruneError(f"stride plan {plan!r}: write BLOCK=STRIDE[,BLOCK=STRIDE], e.g. features.0=7,features.2=1")
+        try:
+            plan = {name.strip(): int(stride) for name, _, stride in pairs}
+        except ValueError:
+            raise MobilepruneError(f"stride plan {plan!r}: each stride must be a whole number") from None
+    if not isinstance(plan, dict):
+        raise MobilepruneError(f"stride plan must be a table of block = stride (got {plan!r})")
+    for block, stride in plan.items():
+        if block not in STRIDED_BLOCKS:
+            raise MobilepruneError(f"stride plan: {block!r} is not a block that downsamples; choose from "
+                                   f"{', '.join(STRIDED_BLOCKS)}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= (16 if block == "features.0"
+                                                                                          else 4):
+            raise MobilepruneError(f"stride plan: {block} stride {stride!r} must be a whole number from 1 to "
+                                   f"{16 if block == 'features.0' else 4}")
+    return dict(plan)
+
+
+def set_strides(model: mobilenetv2.MobileNetV2, plan: dict[str, int]) -> mobilenetv2.MobileNetV2:
+    """``model`` with the strides of ``plan`` (``parse_stride_plan``); weights unchanged, changed in place.
+
+    The 224-px input holds a 32-px picture upsampled 7x: a stem at stride 7 reads it at 32 px
+    (``set_stem_stride``), and a stage at stride 1 keeps its resolution (the CIFAR MobileNetV2s of
+    kuangliu and chenyaofo: stem 7 and ``features.2`` at 1 give maps of 32/32/16/8/4).
+    """
+    modules = dict(model.named_modules())
+    for block, stride in parse_stride_plan(plan).items():
+        modules[STRIDED_BLOCKS[block]].stride = (stride, stride)
+    return model
+
+
+def changed_strides(model: nn.Module) -> dict[str, int]:
+    """Each block whose stride differs from torchvision's, with its stride: empty on the strict track."""
+    strides, modules = _torchvision_strides(), dict(model.named_modules())
+    changed = {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d) and name in strides and module.stride != strides[name]:
+            block = next((b for b, conv in STRIDED_BLOCKS.items() if conv == name), name)
+            changed[block] = module.stride[0]
+    return changed
+
+
+def track_of(model: nn.Module) -> str:
+    return "open" if changed_strides(model) else "strict"
+
+
+def describe_strides(changed: dict[str, int]) -> str:
+    """The model check's words: torchvision's MobileNetV2, or which strides changed (the open track)."""
+    if not changed:
+        return "torchvision MobileNetV2 (strict track)"
+    return "MobileNetV2, open track: " + ", ".join(f"{b} stride {s}" for b, s in changed.items())
+
+
 def interpolate_models(first: nn.Module, second: nn.Module, fraction: float) -> nn.Module:
     """A copy of ``second`` with every floating-point tensor at (1 - fraction)·first + fraction·second.
 

@@ -18,16 +18,21 @@ from .errors import MobilepruneError
 
 DEFAULT_NOTEBOOK = Path("notebooks/lab2.ipynb")
 DEFAULT_RUNNER = Path("build/xnn_executor_runner")
+TRACKS = ("strict", "open")  # strict: torchvision's strides, channel pruning only; open: strides changed too
 PACKAGE_RULES = ("original", "revised")  # the 2025 edition hands in what the revised one does, less the notebook
 
 
 def package(student_id: str, model_dir: str | Path, out_dir: str | Path = ".", notebook: str | Path | None = None,
             runner: str | Path | None = None, data: str | Path | None = None, grade_limit: int | None = None,
-            progress: bool = True, int8: bool = False, rules: str = "original"):
+            progress: bool = True, int8: bool = False, rules: str = "original", track: str = "strict"):
     """Write ``out_dir/STUDENT_ID.zip`` from ``model_dir`` (holding mobilenet.pth/.pte); return (zip, grade).
 
     ``rules``: "original" (the .pth, the .pte, the runner and the notebook) or "revised" (the .pth and
     the notebook, which those rules require).
+
+    ``track``: "strict" (the default) refuses a model whose strides are not torchvision's; "open" hands
+    it in (issue #33's ruling: Part 2 asks for channel pruning, so a changed stride is the user's
+    choice, and its grade says so).
 
     ``int8``: the zip's ``model/mobilenet.pte`` is ``model_dir/mobilenet.int8.pte``, the int8 program
     (the lab's runner takes it as it takes the fp32 one: same input, same output, all in XNNPACK).
@@ -35,8 +40,10 @@ def package(student_id: str, model_dir: str | Path, out_dir: str | Path = ".", n
     from .data import TEST_BIN, find_data_dir
     from .evaluate import grade
     from .export import INT8_PTE, check_pte_matches, check_int8_pte_matches
-    from .models import load_pickled_model
+    from .models import changed_strides, describe_strides, load_pickled_model
 
+    if track not in TRACKS:
+        raise MobilepruneError(f"track {track!r}: choose from {', '.join(TRACKS)}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", student_id):
         raise MobilepruneError(f"student id {student_id!r} must be letters, digits, '_' or '-'")
     if rules not in PACKAGE_RULES:
@@ -55,6 +62,10 @@ def package(student_id: str, model_dir: str | Path, out_dir: str | Path = ".", n
             how = "mobileprune export MODEL --out DIR" + (" --int8" if int8 else "")
             raise MobilepruneError(f"{path}: no such file (export the model first: {how})")
     model = load_pickled_model(pth)  # refuses anything but a torchvision MobileNetV2
+    strides = changed_strides(model)
+    if strides and track == "strict":
+        raise MobilepruneError(f"{pth}: {describe_strides(strides)}; the strict track (the default) hands in "
+                               "torchvision's strides only: hand it in with --track open if that is your choice")
     members, notes = {"model/mobilenet.pth": pth}, []
     if not revised:
         if int8:  # refuses an int8 .pte that is not this .pth, on real (training) images

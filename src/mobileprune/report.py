@@ -319,10 +319,19 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 # The Part 2 table: each run's settings and results, as ``prune_rows`` gives them.
-# A stem stride other than torchvision's 2 is a change beyond channel pruning (models.set_stem_stride).
-PRUNE_COLUMNS = {"run": "", "target": "g", "MFLOPs": ".2f", "params": ",", "stem stride": "", "criterion": "",
+# A stride other than torchvision's is a change beyond channel pruning (the open track, models.set_strides).
+PRUNE_COLUMNS = {"run": "", "target": "g", "MFLOPs": ".2f", "params": ",", "strides": "", "criterion": "",
                  "global": "", "resolution weighting": "g", "round_to": "", "KD": "", "validation": ".4f",
                  "test": ".4f", "test images": ""}
+
+
+def _strides(summary: dict) -> str:
+    """A run's changed strides as the table shows them: "torchvision", or the open track's plan."""
+    strides = summary.get("strides")
+    if strides is None:  # written before stride plans: the stem's stride alone
+        stem = summary.get("stem_stride", 2)
+        strides = {"features.0": stem} if stem != 2 else {}
+    return ", ".join(f"{block} {stride}" for block, stride in strides.items()) or "torchvision"
 
 
 def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]:
@@ -333,7 +342,7 @@ def prune_rows(root: str | Path, stages: list[Path] | None = None) -> list[dict]
         s = _read_json(stage / "summary.json")
         p = s.get("prune") or {}  # a student trained as it was has no pruning settings
         rows.append({"run": _label(stage, root), "target": s["target_mflops"], "MFLOPs": s["mflops"],
-                     "params": s.get("params"), "stem stride": s.get("stem_stride", 2),
+                     "params": s.get("params"), "strides": _strides(s),
                      "criterion": p.get("importance", "l2"),
                      "global": "yes" if p.get("global_pruning") else "no",
                      "resolution weighting": p.get("resolution_weighting", 0), "round_to": p.get("round_to") or 1,
