@@ -1,13 +1,17 @@
-"""Which channel layout suits a student fed an upsampled 32-px image? Compared on validation after a short KD run.
+"""Which layout suits a student fed an upsampled 32-px image? Compared on validation after a short KD run.
 
-Each variant prunes the dense baseline in one step to the same MFLOPs target (per-layer L2 at
-resolution weightings 0, 0.5 and -0.5, global L2, Taylor), BatchNorm re-estimated; then all
-variants that reach the target are distilled together on the same batches from the same teacher
-(``distill.train_students``) and validated on the same images:
+Each variant prunes the dense baseline in one step to the same MFLOPs target, BatchNorm
+re-estimated: on the strict track by criterion (per-layer L2 at resolution weightings 0, 0.5 and
+-0.5, global L2, Taylor), on the open track by stride plan first (the stem at 7 or 4, the CIFAR
+layout of stem 7 and ``features.2`` at 1, one between). Then all variants that reach the target are
+distilled together on the same batches from the same teacher (``distill.train_students``) and
+validated on the same images; the table gives each one's training speed too, since a student on
+32-px maps steps several times faster than one on 112-px maps:
 
     python benchmarks/student_layouts.py --baseline release/baseline/mobilenet.pt --target 20 \
         --teacher runs/distill-cpu/teacher/teacher.pt --train-images 2000 --epochs 2 --val-images 1000 \
         --out runs/layouts
+    python benchmarks/student_layouts.py stem7 stem7-f4s1 cifar stem4 --baseline ... (the open track's, issue #33)
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from mobileprune.channel import StudentsConfig, prepare_students, student_name
+from mobileprune.channel import StudentsConfig, prepare_students
 from mobileprune.data import find_data_dir, load_cifar10, train_window
 from mobileprune.distill import StudentConfig, read_students, train_students
 from mobileprune.errors import MobilepruneError, exit_code
@@ -27,35 +31,50 @@ from mobileprune.report import markdown_table
 # One change each against per-layer L2 at a uniform ratio. Resolution weighting w scales a block's
 # ratio by (resolution / 14) ** w: w > 0 prunes the 112- and 56-px blocks harder, w < 0 spares them
 # (their upsampled input is smooth, but they are also the most sensitive layers in Part 1's scan).
+# A "strides" entry is an open-track stride plan (models.set_strides) applied before the cut. Dense
+# MFLOPs with every channel: stem 7 26.05, the CIFAR layout (stem 7, features.2 at 1: maps of
+# 32/32/16/8/4 px) 92.8; stem 7 with features.4 at 1 (32/16/16/8/4) and stem 4 (56-px maps) between.
 VARIANTS = {
     "l2": {},
     "l2-rw0.5": {"resolution_weighting": 0.5},
     "l2-rw-0.5": {"resolution_weighting": -0.5},
     "l2-global": {"global_pruning": True},
     "taylor": {"importance": "taylor"},
+    "stem7": {"strides": {"features.0": 7}},
+    "stem7-f4s1": {"strides": {"features.0": 7, "features.4": 1}},
+    "cifar": {"strides": {"features.0": 7, "features.2": 1}},
+    "stem4": {"strides": {"features.0": 4}},
 }
 COLUMNS = {"variant": "", "MFLOPs": ".2f", "params": ",", "val after pruning": ".4f", "val after KD": ".4f",
-           "best epoch": ""}
+           "best epoch": "", "images/s": ".0f"}
+
+
+def _rate(precision: dict) -> float | None:
+    """A student's training images/s in the precision it trained in, as the bf16 probe measured it
+    (none where bf16 was set rather than measured)."""
+    return precision.get("bf16_images_per_s" if precision["bf16"] else "fp32_images_per_s")
 
 
 def run(args) -> None:
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        raise MobilepruneError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     recipe = load_recipe(args.recipe)
     baseline, teacher = load_model(args.baseline), load_teacher(args.teacher)
     data = load_cifar10(find_data_dir(args.data), **recipe.get("data", {}), test=False)
     data = replace(data, val_images=data.val_images[:args.val_images], val_labels=data.val_labels[:args.val_images])
     students, unreachable = {}, {}
     for name in args.variants:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        config = StudentsConfig(targets=[args.target], prune={"importance": "l2", **VARIANTS[name]},
-                                val_images=args.val_images)
+        prune = {k: v for k, v in VARIANTS[name].items() if k != "strides"}
+        config = StudentsConfig(targets=[args.target], prune={"importance": "l2", **prune},
+                                strides=VARIANTS[name].get("strides", {}), val_images=args.val_images)
         try:
             prepare_students(baseline, data, config, args.out / name, device=args.device, progress=False)
         except MobilepruneError as e:  # a layout that cannot reach the target is a finding, not a stop
             print(f"{name}: {e}", flush=True)
             unreachable[name] = str(e)
             continue
-        model, record = read_students(args.out / name)[student_name(args.target)]
+        model, record = next(iter(read_students(args.out / name).values()))  # its one student
         students[name] = (model, record)
         print(f"{name}: {record['mflops']:.2f} MFLOPs, val {record['val_accuracy']:.4f} after pruning", flush=True)
     config = replace(StudentConfig.from_dict(section(recipe, "distill")), max_epochs=args.epochs)
@@ -63,7 +82,8 @@ def run(args) -> None:
                            seconds=1e9, device=args.device, progress=False)
     rows = [{"variant": name, "MFLOPs": students[name][1]["mflops"], "params": students[name][1]["params"],
              "val after pruning": r["val_after_pruning"], "val after KD": r["val_accuracy"],
-             "best epoch": r["best_epoch"]} for name, r in stage["students"].items()]
+             "best epoch": r["best_epoch"], "images/s": _rate(stage["precision"][name])}
+            for name, r in stage["students"].items()]
     table = markdown_table(sorted(rows, key=lambda r: -r["val after KD"]), COLUMNS)
     print(table)
     write_json(args.out / "layouts.json", {"target": args.target, "train_images": args.train_images,

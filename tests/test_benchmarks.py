@@ -177,3 +177,13 @@ def test_teacher_cache_distils_the_same_students_both_ways_and_says_when_it_pays
     assert all(0 <= r["val_accuracy"]["student-9"] <= 1 for r in figures["runs"].values())
     assert script.main(["--teacher", str(tmp_path / "nosuch.pt"), "--students", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"teacher_cache: error: {tmp_path / 'nosuch.pt'}: no such file or folder\n"
+
+
+def test_student_layouts_knows_the_open_tracks_plans_and_refuses_an_unknown_variant(capsys):
+    from mobileprune.models import parse_stride_plan
+
+    script = load_script("student_layouts")
+    for name in ("stem7", "stem7-f4s1", "cifar", "stem4"):
+        parse_stride_plan(script.VARIANTS[name]["strides"])  # each a plan the models accept
+    assert script.main(["nosuch", "--baseline", "b.pt", "--teacher", "t.pt"]) == 2
+    assert capsys.readouterr().err.startswith("student_layouts: error: unknown variant 'nosuch'; choose from l2,")
