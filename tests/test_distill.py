@@ -406,3 +406,56 @@ def test_the_teacher_cache_resumes_between_crop_offsets_and_students_train_from_
 def _saved_teacher(teacher, tmp_path) -> Path:
     save_teacher(teacher, tmp_path / "teacher.pt")
     return tmp_path / "teacher.pt"
+
+
+def test_teacher_accuracies_at_every_level_from_one_pass_equal_each_level_alone(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=30, test=False)
+    teacher = TeacherNet([8, 16, 16], depth=2).eval()
+    teacher.init_whitening(preprocess(data.train_images[:20], 32))
+    by_level = distill.teacher_accuracies(teacher, data.val_images, data.val_labels, batch_size=7)
+    assert by_level == {level: distill.teacher_accuracy(teacher, data.val_images, data.val_labels, level, 7)
+                        for level in (0, 1, 2)}
+
+
+TEACHER_RECIPE = """description = "tiny teacher"
+[data]
+val_size = 20
+[teacher]
+widths = [8, 16, 16]
+depth = 2
+epochs = 2
+batch_size = 40
+eval_batch_size = 50
+bf16 = false
+"""
+
+
+def test_a_finished_teacher_is_released_with_its_test_accuracy_measured_once(tmp_path, capsys, monkeypatch):
+    folder = make_cifar_dir(tmp_path / "d", per_batch=24, test=16)
+    (tmp_path / "tiny.toml").write_text(TEACHER_RECIPE)
+    with pytest.raises(MobilepruneError, match="not finished"):
+        distill.release_teacher(tmp_path / "nothing", tmp_path / "r", (None, None), (None, None), "", "")
+    command = ["--no-progress", "teacher", "--recipe", str(tmp_path / "tiny.toml"), "--data", str(folder),
+               "--device", "cpu", "--out", str(tmp_path / "run"), "--release", str(tmp_path / "release" / "teacher")]
+    assert main(command) == 0
+    assert "released:" in capsys.readouterr().out
+    release = tmp_path / "release" / "teacher"
+    assert sorted(p.name for p in release.iterdir()) == ["history.csv", "summary.json", "teacher.png", "teacher.pt"]
+    assert (release / "teacher.pt").read_bytes() == (tmp_path / "run" / "teacher.pt").read_bytes()
+    s = json.loads((release / "summary.json").read_text())
+    assert s["command"] == "mobileprune " + " ".join(command) and s["machine"] and s["test_images"] == 16
+    assert s["cpu_hours"] == pytest.approx(s["seconds"] / 3600) and len(s["epoch_seconds"]) == 2
+    # The accuracies are those of the stored (bf16) weights, on the real splits of this data.
+    data = load_cifar10(folder, val_size=20)
+    stored = load_teacher(release / "teacher.pt")
+    assert s["test_accuracy"] == distill.teacher_accuracies(stored, data.test_images, data.test_labels)[0]
+    assert s["val_accuracy_tta"] == distill.teacher_accuracies(stored, data.val_images, data.val_labels)[2]
+    assert not list(release.parent.glob(".teacher*"))  # the temporary folder moved into place, nothing left
+    # Again: the same teacher is not measured on the test set a second time.
+    monkeypatch.setattr(distill, "teacher_accuracies", lambda *a, **k: pytest.fail("measured again"))
+    assert main(command) == 0
+    assert "already released" in capsys.readouterr().out
+    assert json.loads((release / "summary.json").read_text()) == s
+    assert main(["report", str(tmp_path / "release")]) == 0
+    report = (tmp_path / "release" / "REPORT.md").read_text()
+    assert "## The 32-px teacher (`teacher`)" in report and s["command"] in report and "teacher/teacher.png" in report

@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=_positive_float, help="stop the schedule after this many seconds (a CPU "
                                                            "measured in fixed time); overrides [teacher] budget_s")
     p.add_argument("--out", help="output folder (default: runs/<recipe>/teacher)")
+    p.add_argument("--release", metavar="DIR", help="once the teacher is finished, release it to DIR: teacher.pt, "
+                                                    "history, its test accuracy (measured once), the CPU hours and "
+                                                    "this command")
     _add_device_arg(p)
     _add_data_args(p)
 
@@ -648,8 +651,14 @@ def cmd_students(args) -> None:
     print(f"wrote {out}/student-*/ (mobilenet.pt + layout, student.json): `mobileprune distill --students {out}`")
 
 
+def _command_line(args) -> str:
+    import shlex
+
+    return "mobileprune " + shlex.join(args.argv)
+
+
 def cmd_teacher(args) -> None:
-    from .distill import TeacherConfig, train_teacher
+    from .distill import TeacherConfig, release_teacher, train_teacher
     from .recipes import load_recipe, section
 
     recipe = load_recipe(args.recipe)
@@ -658,11 +667,22 @@ def cmd_teacher(args) -> None:
         settings["budget_s"] = args.budget_s
     config = TeacherConfig.from_dict(settings)
     out = Path(args.out or Path("runs") / recipe["name"] / "teacher")
-    _, s = train_teacher(load_data(args, recipe, test=False), config, out, device=args.device or _auto_device(),
-                         progress=not args.no_progress)
+    data = load_data(args, recipe, test=args.release is not None)
+    _, s = train_teacher(data, config, out, device=args.device or _auto_device(), progress=not args.no_progress)
     print(f"teacher {s['widths']} x{s['depth']}: {s['epochs']:g} epochs in {s['seconds']:.0f} s "
           f"({s['images_per_s']:.0f} img/s), val {s['val_accuracy']:.4f}, {s['val_accuracy_tta']:.4f} with TTA "
           f"level {s['tta_level']}; wrote {out}/teacher.pt")
+    if args.release:
+        from .train import describe_cpu
+
+        release = Path(args.release)
+        r, measured = release_teacher(out, release, (data.val_images, data.val_labels),
+                                      (data.test_images, data.test_labels), _command_line(args), describe_cpu(),
+                                      progress=not args.no_progress)
+        _draw_plots(release)
+        print(f"{'released' if measured else 'already released (the test set is looked at once)'}: {release}/ "
+              f"teacher.pt (bf16), val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f} "
+              f"({r['test_accuracy_tta']:.4f} with TTA level {r['tta_level']}), {r['cpu_hours']:.2f} CPU hours")
 
 
 def cmd_distill(args) -> None:
@@ -795,6 +815,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a release records as its command
     # Library warnings (torch.export, pytree) and the ExecuTorch runtime's log lines are noise on a
     # user's terminal: shown only with --verbose (child processes read the variable too).
     if args.verbose:

@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from .data import INPUT_SIZE, RESIZE_VARIANTS, Cifar10, augment, augment_views, cutout, preprocess
 from .errors import MobilepruneError, check_known_settings
-from .files import pack, save_torch, write_csv, write_json
+from .files import pack, read_csv, save_torch, write_csv, write_json
 from .models import TeacherNet, channel_layout, load_state_with_layout, load_teacher, save_state_with_layout, save_teacher
-from .train import (autocast, check_bf16_setting, choose_bf16, current_chunk, describe_precision, distillation_loss,
-                    time_left)
+from .train import (autocast, bf16_supported, check_bf16_setting, choose_bf16, current_chunk, describe_precision,
+                    distillation_loss, time_left)
 
 TEACHER_RESOLUTION = 32
 STUDENT_FILE = "student.json"  # what `prepare_students` writes beside each student's weights
@@ -224,6 +224,31 @@ def teacher_accuracy(teacher: nn.Module, images: torch.Tensor, labels: torch.Ten
     return correct / max(1, len(labels))
 
 
+@torch.no_grad()
+def teacher_accuracies(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+                       bf16: bool = False) -> dict[int, float]:
+    """Accuracy at every TTA level (0, 1, 2) from one pass over the six views ``teacher_logits`` averages.
+
+    Each level alone would run 1 + 2 + 6 views; this runs the six once.
+    """
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    correct = {0: 0, 1: 0, 2: 0}
+    for start in range(0, len(labels), batch_size):
+        x = preprocess(images[start:start + batch_size].to(device), TEACHER_RESOLUTION)
+        target = labels[start:start + batch_size].to(device)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        with autocast(bf16, device):
+            views = [teacher(torch.cat([v, v.flip(-1)])).float() for v in (x, padded[:, :, :-2, :-2],
+                                                                             padded[:, :, 2:, 2:])]
+        n = len(x)
+        mirrored = [(v[:n] + v[n:]) / 2 for v in views]
+        by_level = {0: views[0][:n], 1: mirrored[0], 2: (mirrored[0] + (mirrored[1] + mirrored[2]) / 2) / 2}
+        for level, logits in by_level.items():
+            correct[level] += (logits.argmax(1) == target).sum().item()
+    return {level: c / max(1, len(labels)) for level, c in correct.items()}
+
+
 # ----------------------------------------------------------------------------- the teacher
 def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, device: str | torch.device = "cpu",
                   progress: bool = True, clock=time.monotonic, log_epochs: bool = True) -> tuple[TeacherNet, dict]:
@@ -338,12 +363,8 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
                "steps": step, "seconds": budget.spent(), "train_images": len(labels),
                "images_per_s": step * config.batch_size / max(1e-9, budget.spent()),
                "params": sum(p.numel() for p in model.parameters()), "val_images": len(data.val_labels),
-               "val_accuracy": teacher_accuracy(model, data.val_images, data.val_labels, 0, config.eval_batch_size,
-                                                bf16),
-               "val_accuracy_flip": teacher_accuracy(model, data.val_images, data.val_labels, 1,
-                                                     config.eval_batch_size, bf16),
-               "val_accuracy_tta": teacher_accuracy(model, data.val_images, data.val_labels, config.tta_level,
-                                                    config.eval_batch_size, bf16),
+               **_accuracy_keys("val", teacher_accuracies(model, data.val_images, data.val_labels,
+                                                          config.eval_batch_size, bf16), config.tta_level),
                "tta_level": config.tta_level, "device": str(device), "precision": precision,
                "config": asdict(config)}
     save_teacher(model, out / "teacher.pt")
@@ -353,6 +374,72 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
 
 
 @torch.no_grad()
+def _accuracy_keys(split: str, by_level: dict[int, float], tta_level: int) -> dict[str, float]:
+    """A summary's accuracy keys: one view, with the mirror, and at the run's TTA level."""
+    return {f"{split}_accuracy": by_level[0], f"{split}_accuracy_flip": by_level[1],
+            f"{split}_accuracy_tta": by_level[tta_level]}
+
+
+def release_teacher(run: str | Path, release: str | Path, val: tuple[torch.Tensor, torch.Tensor],
+                    test: tuple[torch.Tensor, torch.Tensor], command: str, machine: str,
+                    progress: bool = True) -> tuple[dict, bool]:
+    """A finished teacher released to ``release``: teacher.pt, history.csv and summary.json.
+
+    The summary is the run's, its accuracies measured again on the stored bf16 weights (what students
+    learn from), with the test accuracy, the CPU hours, the command and the machine. The test set is
+    looked at once: a release of the same teacher.pt is returned as it is (the second value False).
+    The folder is written beside ``release`` and moved into place whole.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    run, release = Path(run), Path(release)
+    if not ((run / "teacher.pt").is_file() and (run / "summary.json").is_file()):
+        raise MobilepruneError(f"{run}: the teacher is not finished (no teacher.pt and summary.json); run the "
+                               "same `mobileprune teacher` command until it ends")
+    digest = hashlib.sha256((run / "teacher.pt").read_bytes()).hexdigest()
+    try:
+        released = json.loads((release / "summary.json").read_text())
+    except (OSError, ValueError):
+        released = None
+    if released and released.get("sha256") == digest and released.get("test_accuracy") is not None:
+        return released, False
+    trained = json.loads((run / "summary.json").read_text())
+    teacher = load_teacher(run / "teacher.pt")
+    # Measured as it was trained: bf16 autocast where the run used it and this CPU has the kernels.
+    bf16 = bool((trained.get("precision") or {}).get("bf16")) and bf16_supported(torch.device("cpu"))
+    batch = trained.get("config", {}).get("eval_batch_size", 1000)
+    level = trained.get("tta_level", 2)
+    measured = {}
+    for split, (images, labels) in (("val", val), ("test", test)):
+        if progress:
+            tqdm.write(f"teacher release: {split} accuracy of the stored teacher, {len(labels):,} images x 6 views")
+        measured |= _accuracy_keys(split, teacher_accuracies(teacher, images, labels, batch, bf16), level)
+    epochs = read_csv(run / "history.csv") if (run / "history.csv").is_file() else []
+    summary = {**trained, **measured, "val_images": len(val[1]), "test_images": len(test[1]),
+               "val_accuracy_trained": trained.get("val_accuracy"), "stored": "bf16",
+               "measured_in": "bf16" if bf16 else "fp32", "sha256": digest, "cpu_hours": trained["seconds"] / 3600,
+               "epoch_seconds": [round(r["seconds"], 1) for r in epochs],
+               "command": command, "machine": machine, "released_from": str(run)}
+    release.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=release.parent, prefix=f".{release.name}."))
+    try:
+        shutil.copyfile(run / "teacher.pt", tmp / "teacher.pt")
+        if epochs:
+            shutil.copyfile(run / "history.csv", tmp / "history.csv")
+        write_json(tmp / "summary.json", summary)
+        old = release.with_name(f".{release.name}.old")
+        if release.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            release.rename(old)
+        tmp.rename(release)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary, True
+
+
 def _lookahead_step(model: nn.Module, averaged: list[torch.Tensor], decay: float) -> None:
     """Move the EMA ``averaged`` towards the weights by ``1 - decay``, then put the weights there (airbench)."""
     for average, tensor in zip(averaged, model.state_dict().values()):

@@ -153,6 +153,30 @@ def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val
     return _save(fig, path)
 
 
+def plot_teacher(rows: list[dict], path: str | Path, summary: dict) -> Path:
+    """The teacher's validation accuracy and training loss by epoch (its history.csv), the finished
+    teacher's single-view and TTA accuracy marked at the end."""
+    fig, (val_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
+    epochs = [r["epoch"] for r in rows]
+    val_ax.plot(epochs, [r["val_accuracy"] for r in rows], "o-", ms=3, label="validation, one view, each epoch")
+    last = epochs[-1] if epochs else summary.get("epochs", 0)
+    for key, marker, label in (("val_accuracy", "s", "finished, one view"),
+                               ("val_accuracy_tta", "^", f"finished, TTA level {summary.get('tta_level')}"),
+                               ("test_accuracy", "x", "test, one view (reported)")):
+        if summary.get(key) is not None:
+            val_ax.plot([last], [summary[key]], marker, ms=7, label=f"{label}: {summary[key]:.4f}")
+    val_ax.set_xlabel("epoch")
+    val_ax.set_ylabel("accuracy")
+    val_ax.legend(fontsize=7, loc="lower right")
+    loss_ax.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, color="tab:grey")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss (label smoothing, per image)")
+    hours = f", {summary['seconds'] / 3600:.1f} h on {summary.get('machine') or summary.get('device')}" \
+        if summary.get("seconds") else ""
+    fig.suptitle(f"32-px teacher {summary.get('widths')} x{summary.get('depth')}{hours}", fontsize=9)
+    return _save(fig, path)
+
+
 # Public hand-ins of this lab (MFLOPs, test accuracy), the reference points of ``plot_pareto``.
 # The best, 26.33 MFLOPs at 92.32 %, was made from the course's 96.3 % checkpoint.
 PUBLIC_HAND_INS = ((26.33, 0.9232), (39.34, 0.9272), (44.51, 0.9248), (60.39, 0.9167))
@@ -222,7 +246,7 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # relative_size_after, the baseline best_epoch, `mobileprune recover` val_before, `mobileprune
 # average` val_by_fraction. A hand-in grade is grade.json, its int8 program's grade.int8.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
-              "recover": "val_before", "average": "val_by_fraction", "distill": "students"}
+              "recover": "val_before", "average": "val_by_fraction", "distill": "students", "teacher": "tta_level"}
 # A graded hand-in's files (stem.json, stem.txt) and how the report names its row.
 GRADE_STEMS = {"grade": "", "grade.int8": " int8"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
@@ -293,6 +317,8 @@ def draw_plots(stage: str | Path) -> list[Path]:
         if histories:
             written.append(plot_distill(histories, stage / "distill.png", teacher.get("val_accuracy_tta")
                                         or teacher.get("val_accuracy")))
+    if "teacher" in kinds and (stage / "history.csv").is_file():
+        written.append(plot_teacher(read_csv(stage / "history.csv"), stage / "teacher.png", summary))
     if "finegrained" in kinds:
         plots = stage / "plots"
         sparsity, scan = _read_json(stage / "sparsity.json"), _read_json(stage / "sensitivity.json")
@@ -465,6 +491,22 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                                   for name, r in s["students"].items()], DISTILL_COLUMNS), ""]
         if (stage / "distill.png").is_file():
             lines += [f"![validation of the students]({rel}/distill.png)", ""]
+
+    for stage in stages["teacher"]:
+        s = _read_json(stage / "summary.json")
+        rel = _label(stage, root)
+        lines += [f"## The 32-px teacher (`{rel}`)", "",
+                  f"{s.get('widths')} x{s.get('depth')}, {s.get('params', 0):,} parameters, {s.get('epochs', 0):g} "
+                  f"epochs in {s.get('seconds', 0) / 3600:.2f} h on {s.get('machine') or s.get('device')}: validation "
+                  f"{_fmt(s.get('val_accuracy'))} one view, {_fmt(s.get('val_accuracy_flip'))} with the mirror, "
+                  f"{_fmt(s.get('val_accuracy_tta'))} at TTA level {s.get('tta_level')}"
+                  + (f"; test {_fmt(s['test_accuracy'])} and {_fmt(s.get('test_accuracy_tta'))} "
+                     f"({s.get('test_images', 0):,} images, reported only)" if s.get("test_accuracy") is not None
+                     else "") + ".", ""]
+        if s.get("command"):
+            lines += ["```", s["command"], "```", ""]
+        if (stage / "teacher.png").is_file():
+            lines += [f"![the teacher by epoch]({rel}/teacher.png)", ""]
 
     if stages["average"]:
         lines += ["## Part 2: weight averaging (`mobileprune average`)", "",

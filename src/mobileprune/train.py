@@ -106,6 +106,23 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def describe_cpu() -> str:
+    """This machine's CPU in one line, for the records of runs measured on it: 'AMD EPYC (2 cores, bf16)'."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bf16 = ", bf16" if bf16_supported(torch.device("cpu")) else ""
+    return f"{name} ({os.cpu_count()} cores{bf16})"
+
+
 def training_rate(model: nn.Module, size: int, batch_size: int, device: torch.device, bf16: bool,
                   channels_last: bool = False, steps: int = 3, train: bool = True) -> float:
     """Images/s of ``steps`` SGD steps (or forward passes, ``train=False``) of a copy of ``model`` on random
