@@ -12,6 +12,16 @@ validated on the same images; the table gives each one's training speed too, sin
         --teacher runs/distill-cpu/teacher/teacher.pt --train-images 2000 --epochs 2 --val-images 1000 \
         --out runs/layouts
     python benchmarks/student_layouts.py stem7 stem7-f4s1 cifar stem4 --baseline ... (the open track's, issue #33)
+
+A student on 32-px maps steps several times faster than one on 112-px maps, so the fair question
+is which is best after the same CPU time, not the same epochs: ``--seconds-each S`` trains each
+variant alone for S seconds (its learning rate following the fraction of S spent), and
+``--cache-dir`` builds the teacher's logits once for every variant (``[distill] teacher_cache``),
+so that the teacher's forward does not set every variant's pace alike:
+
+    python benchmarks/student_layouts.py stem7 stem7-f4s1 cifar stem4 --recipe distill-cpu \
+        --baseline release/baseline/mobilenet.pt --teacher release/teacher/teacher.pt --train-images 45000 \
+        --seconds-each 600 --val-images 5000 --cache-dir runs/teacher-cache --out runs/layouts-open
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ from dataclasses import replace
 
 from mobileprune.channel import StudentsConfig, prepare_students
 from mobileprune.data import find_data_dir, load_cifar10, train_window
-from mobileprune.distill import StudentConfig, read_students, train_students
+from mobileprune.distill import StudentConfig, build_teacher_cache, cache_path, read_students, train_students
 from mobileprune.errors import MobilepruneError, exit_code
 from mobileprune.files import write_json
 from mobileprune.models import load_model, load_teacher
@@ -46,7 +56,7 @@ VARIANTS = {
     "stem4": {"strides": {"features.0": 4}},
 }
 COLUMNS = {"variant": "", "MFLOPs": ".2f", "params": ",", "val after pruning": ".4f", "val after KD": ".4f",
-           "best epoch": "", "images/s": ".0f"}
+           "epochs": "", "best epoch": "", "images/s": ".0f"}
 
 
 def _rate(precision: dict) -> float | None:
@@ -78,17 +88,33 @@ def run(args) -> None:
         students[name] = (model, record)
         print(f"{name}: {record['mflops']:.2f} MFLOPs, val {record['val_accuracy']:.4f} after pruning", flush=True)
     config = replace(StudentConfig.from_dict(section(recipe, "distill")), max_epochs=args.epochs)
-    stage = train_students(students, teacher, train_window(data, 0, args.train_images), config, args.out / "kd",
-                           seconds=1e9, device=args.device, progress=False)
+    window = train_window(data, 0, args.train_images)
+    cache = None
+    if args.cache_dir:
+        cache = build_teacher_cache(teacher, window.train_images,
+                                    cache_path(args.cache_dir, config.translate, config.teacher_flip),
+                                    config.translate, config.teacher_flip, config.bf16, device=args.device)
+    if args.seconds_each:  # each alone, the same seconds: (its result, its precision, its epochs)
+        config = replace(config, max_epochs=0, budget_s=args.seconds_each)
+        results = {}
+        for name in students:
+            stage = train_students({name: students[name]}, teacher, window, config, args.out / "kd" / name,
+                                   seconds=args.seconds_each, device=args.device, progress=False, cache=cache)
+            results[name] = (stage["students"][name], stage["precision"][name], stage["epochs"])
+    else:  # all together on the same batches, the same epochs
+        stage = train_students(students, teacher, window, config, args.out / "kd", seconds=1e9,
+                               device=args.device, progress=False, cache=cache)
+        results = {name: (r, stage["precision"][name], stage["epochs"]) for name, r in stage["students"].items()}
     rows = [{"variant": name, "MFLOPs": students[name][1]["mflops"], "params": students[name][1]["params"],
              "val after pruning": r["val_after_pruning"], "val after KD": r["val_accuracy"],
-             "best epoch": r["best_epoch"], "images/s": _rate(stage["precision"][name])}
-            for name, r in stage["students"].items()]
+             "epochs": epochs, "best epoch": r["best_epoch"], "images/s": _rate(precision)}
+            for name, (r, precision, epochs) in results.items()]
     table = markdown_table(sorted(rows, key=lambda r: -r["val after KD"]), COLUMNS)
     print(table)
     write_json(args.out / "layouts.json", {"target": args.target, "train_images": args.train_images,
-                                           "epochs": args.epochs, "val_images": args.val_images,
-                                           "student_images_per_s": stage["student_images_per_s"], "rows": rows,
+                                           "epochs": None if args.seconds_each else args.epochs,
+                                           "seconds_each": args.seconds_each, "teacher_cache": bool(args.cache_dir),
+                                           "val_images": args.val_images, "rows": rows,
                                            "unreachable": unreachable})
     (args.out / "layouts.md").write_text(table + "\n")
 
@@ -103,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", required=True, help="teacher.pt (mobileprune teacher)")
     parser.add_argument("--target", type=float, default=20.0, help="MFLOPs of every variant (default 20)")
     parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of all variants together (default 2)")
+    parser.add_argument("--seconds-each", type=float, help="instead: each variant alone for this many seconds")
+    parser.add_argument("--cache-dir", help="build (or read) the teacher's logits of every view here")
     parser.add_argument("--val-images", type=int, default=1000)
     parser.add_argument("--data")
     parser.add_argument("--device", default="cpu")

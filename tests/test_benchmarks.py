@@ -187,3 +187,29 @@ def test_student_layouts_knows_the_open_tracks_plans_and_refuses_an_unknown_vari
         parse_stride_plan(script.VARIANTS[name]["strides"])  # each a plan the models accept
     assert script.main(["nosuch", "--baseline", "b.pt", "--teacher", "t.pt"]) == 2
     assert capsys.readouterr().err.startswith("student_layouts: error: unknown variant 'nosuch'; choose from l2,")
+
+
+def test_student_layouts_at_equal_seconds_each_alone_from_one_teacher_cache(tmp_path, capsys):
+    from mobileprune.distill import TeacherNet, save_teacher
+    from mobileprune.models import build_mobilenet_v2, save_pickled_model
+
+    from conftest import make_cifar_dir
+
+    script = load_script("student_layouts")
+    data = make_cifar_dir(tmp_path / "d", per_batch=12, test=4)
+    save_teacher(TeacherNet([8, 16, 16], depth=2).eval(), tmp_path / "teacher.pt")
+    save_pickled_model(build_mobilenet_v2().eval(), tmp_path / "dense.pth")
+    (tmp_path / "tiny.toml").write_text('description = "tiny"\n[data]\nval_size = 10\n[distill]\nbatch_size = 25\n'
+                                        'resolution = 32\nbf16 = false\neval_batch_size = 10\ntranslate = 1\n')
+    assert script.main(["stem7", "cifar", "--recipe", str(tmp_path / "tiny.toml"), "--baseline",
+                        str(tmp_path / "dense.pth"), "--teacher", str(tmp_path / "teacher.pt"), "--data", str(data),
+                        "--train-images", "50", "--val-images", "10", "--seconds-each", "3",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
+    figures = json.loads((tmp_path / "out" / "layouts.json").read_text())
+    assert figures["seconds_each"] == 3 and figures["teacher_cache"] and figures["epochs"] is None
+    assert {r["variant"] for r in figures["rows"]} == {"stem7", "cifar"}
+    assert all(r["epochs"] >= 1 and r["MFLOPs"] <= 20 for r in figures["rows"])
+    # Each trained alone in its own folder; one cache of the 50 images' 9 views served both.
+    assert sorted(p.name for p in (tmp_path / "out" / "kd").iterdir()) == ["cifar", "stem7"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["logits-translate1-flipmean.pt"]
+    assert "| stem7 |" in capsys.readouterr().out
