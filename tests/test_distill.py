@@ -459,3 +459,23 @@ def test_a_finished_teacher_is_released_with_its_test_accuracy_measured_once(tmp
     assert main(["report", str(tmp_path / "release")]) == 0
     report = (tmp_path / "release" / "REPORT.md").read_text()
     assert "## The 32-px teacher (`teacher`)" in report and s["command"] in report and "teacher/teacher.png" in report
+
+
+def test_students_train_on_a_resolution_schedule_and_are_validated_at_their_resolution(tmp_path):
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    config = distill.StudentConfig.from_dict({**TINY_STUDENTS, "max_epochs": 4, "budget_s": 0,
+                                              "resolutions": [16, 16, 16, 32]})
+    assert [config.resolution_at(f) for f in (0, 0.5, 0.74, 0.75, 1.0)] == [16, 16, 16, 32, 32]
+    seen = []
+    students = _students(1)
+    model = students["student-0"][0]
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    distill.train_students(students, TeacherNet([8, 16, 16], depth=2), data, config, tmp_path / "run", None,
+                           progress=False)
+    trained = [size for training, size in seen if training]
+    steps = len(trained) // 4  # the bf16 probe is off (bf16 false): every training forward is a step
+    assert trained == [16] * (3 * steps) + [32] * steps
+    assert {size for training, size in seen if not training} == {32}  # validation at the lab's size
+    for bad in ([0], "224", [224.0]):
+        with pytest.raises(MobilepruneError, match="resolutions must be a list of positive pixel sizes"):
+            distill.StudentConfig.from_dict({**TINY_STUDENTS, "resolutions": bad})

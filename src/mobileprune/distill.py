@@ -120,7 +120,12 @@ class StudentConfig:
     flip: bool = True
     # A batch's 224-px view is one of these, drawn per batch (the grader resizes both ways).
     resize_variants: list[str] = field(default_factory=lambda: list(RESIZE_VARIANTS))
-    resolution: int = INPUT_SIZE  # only tests and CPU rehearsals train smaller
+    resolution: int = INPUT_SIZE  # the students' validation (and training) input; only tests go smaller
+    # Progressive resizing, as [train] resolutions: the schedule split evenly over these training
+    # inputs, say [112, 112, 112, 224] (three quarters at about a quarter of the cost, a finish at
+    # the lab's size to re-learn its scale and BatchNorm statistics). Validation stays at
+    # ``resolution``, so the epoch kept is chosen at the size the grader uses. Empty: ``resolution``.
+    resolutions: list[int] = field(default_factory=list)
     ema_decay: float = 0.0  # > 0: also keep an EMA of each student's weights; validation picks either
     # "auto": on CUDA; on a CPU chosen per student (and for the teacher's forward) by a short probe
     bf16: bool | str = "auto"
@@ -145,8 +150,18 @@ class StudentConfig:
             if variant not in RESIZE_VARIANTS:
                 raise MobilepruneError(f"unknown resize variant {variant!r}; choose from {', '.join(RESIZE_VARIANTS)}")
         config.resize_variants = list(variants)
+        if not isinstance(config.resolutions, list) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in config.resolutions):
+            raise MobilepruneError(f"[distill] resolutions must be a list of positive pixel sizes "
+                                   f"(got {config.resolutions!r})")
         check_bf16_setting(config.bf16, "[distill]")
         return config
+
+    def resolution_at(self, fraction: float) -> int:
+        """The training input at this fraction of the schedule."""
+        if not self.resolutions:
+            return self.resolution
+        return self.resolutions[min(len(self.resolutions) - 1, int(fraction * len(self.resolutions)))]
 
 
 def _check_positive(config, table: str, *names: str) -> None:
@@ -638,9 +653,10 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
     if state is not None and sorted(state["students"]) != sorted(s.name for s in trainees):
         raise MobilepruneError(f"{last}: a run of students {sorted(state['students'])}, not "
                                f"{sorted(s.name for s in trainees)}; use another --out or delete it")
-    # bf16 or not is chosen once per run for each student and the teacher's forward, kept in last.pt.
+    # bf16 or not is chosen once per run for each student (at its first training input) and the
+    # teacher's forward, kept in last.pt.
     precision = (state or {}).get("precision") or {
-        **{s.name: choose_bf16(config.bf16, s.model, config.resolution, config.batch_size, device,
+        **{s.name: choose_bf16(config.bf16, s.model, config.resolution_at(0), config.batch_size, device,
                                config.channels_last and device.type == "cuda") for s in trainees},
         "teacher": choose_bf16(config.bf16, teacher, TEACHER_RESOLUTION, config.batch_size, device, train=False)}
     for s in trainees:
@@ -691,7 +707,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                                           1 if config.teacher_flip else 0)
             variant = variants[int(torch.randint(len(variants), (1,), generator=generator))] if len(variants) > 1 \
                 else variants[0]
-            x = preprocess(small, config.resolution, variant)
+            x = preprocess(small, config.resolution_at(fraction), variant)
             if config.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             target = labels[index]
