@@ -479,3 +479,34 @@ def test_students_train_on_a_resolution_schedule_and_are_validated_at_their_reso
     for bad in ([0], "224", [224.0]):
         with pytest.raises(MobilepruneError, match="resolutions must be a list of positive pixel sizes"):
             distill.StudentConfig.from_dict({**TINY_STUDENTS, "resolutions": bad})
+
+
+def test_a_shared_teacher_cache_is_built_alone_then_read_by_a_run(tmp_path, capsys):
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=4)
+    teacher = _saved_teacher(TeacherNet([8, 16, 16], depth=2).eval(), tmp_path)
+    # No [teacher] table: a loaded teacher needs none.
+    (tmp_path / "r.toml").write_text('description = "tiny"\n[data]\nval_size = 20\n[distill]\nbudget_s = 0\n'
+                                     'max_epochs = 1\nbatch_size = 20\nresolution = 32\neval_batch_size = 20\n'
+                                     'bf16 = false\nteacher_cache = true\ntranslate = 1\n')
+    common = ["--no-progress", "distill", "--recipe", str(tmp_path / "r.toml"), "--data", str(folder), "--device",
+              "cpu", "--teacher", str(teacher)]
+    assert main(common + ["--cache-only"]) == 2
+    assert "--cache-only needs --teacher, --cache-dir" in capsys.readouterr().err
+    assert main(common + ["--cache-only", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "40 images x 9 crop offsets x 1 view(s)" in capsys.readouterr().out
+    cache = tmp_path / "cache" / "logits-translate1-flipmean.pt"
+    built = cache.stat().st_mtime_ns
+    _write_student(tmp_path / "students")
+    assert main(common + ["--students", str(tmp_path / "students"), "--cache-dir", str(tmp_path / "cache"),
+                          "--out", str(tmp_path / "run")]) == 0
+    assert cache.stat().st_mtime_ns == built and "crop offset" not in capsys.readouterr().err  # read, not rebuilt
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["teacher_cache"] is True
+
+
+def _write_student(folder: Path) -> None:
+    from mobileprune.files import write_json
+    from mobileprune.models import save_state_with_layout
+
+    save_state_with_layout(tp_pruned_model(ratio=0.7), folder / "student-9", "mobilenet")
+    write_json(folder / "student-9" / "student.json", {"target_mflops": 9, "mflops": 9.0, "params": 1,
+                                                       "val_accuracy": 0.1})

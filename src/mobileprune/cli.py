@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<recipe>/distill)")
     p.add_argument("--cache-dir", help="with [distill] teacher_cache: where the teacher's logits are kept, to share "
                                        "them between runs from one teacher (default: the run's teacher/ folder)")
+    p.add_argument("--cache-only", action="store_true", help="with --teacher and --cache-dir: build the teacher's "
+                                                             "logits there and stop, so that runs sharing the cache "
+                                                             "do not pay for it out of the first one's budget")
     p.add_argument("--pack", metavar="DIR", help="then pack what must come back from a GPU machine into DIR "
                                                  "(at most 8 files of 16 MiB)")
     _add_device_arg(p)
@@ -690,8 +693,12 @@ def cmd_distill(args) -> None:
     from .recipes import load_recipe, section
 
     recipe = load_recipe(args.recipe)
-    teacher_config = TeacherConfig.from_dict(section(recipe, "teacher"))
+    # A loaded teacher needs no [teacher] table (its evaluation batch at most).
+    teacher_config = TeacherConfig.from_dict(dict(recipe.get("teacher", {})) if args.teacher
+                                             else section(recipe, "teacher"))
     config = StudentConfig.from_dict(section(recipe, "distill"))
+    if args.cache_only:
+        return _build_cache_only(args, recipe, config)
     students = read_students(args.students or Path("runs") / recipe["name"] / "students")
     out = Path(args.out or Path("runs") / recipe["name"] / "distill")
     # The test split is never looked at here (a GPU machine is sent the training batches alone).
@@ -711,6 +718,20 @@ def cmd_distill(args) -> None:
     if args.pack:
         pieces = pack_run(out, args.pack)
         print(f"packed into {args.pack}: " + ", ".join(p.name for p in pieces))
+
+
+def _build_cache_only(args, recipe: dict, config) -> None:
+    from .distill import build_teacher_cache, cache_path, load_teacher
+
+    if not (args.teacher and args.cache_dir and config.teacher_cache):
+        raise MobilepruneError("--cache-only needs --teacher, --cache-dir and a recipe with [distill] "
+                               "teacher_cache = true")
+    path = cache_path(args.cache_dir, config.translate, config.teacher_flip)
+    logits = build_teacher_cache(load_teacher(args.teacher), load_data(args, recipe, test=False).train_images, path,
+                                 config.translate, config.teacher_flip, config.bf16, config.eval_batch_size,
+                                 args.device or _auto_device())
+    print(f"teacher cache: {path}, {logits.shape[0]:,} images x {logits.shape[1] * logits.shape[2]} crop offsets "
+          f"x {logits.shape[3]} view(s); `mobileprune distill ... --cache-dir {args.cache_dir}` reads it")
 
 
 def cmd_pack(args) -> None:
