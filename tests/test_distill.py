@@ -510,3 +510,19 @@ def _write_student(folder: Path) -> None:
     save_state_with_layout(tp_pruned_model(ratio=0.7), folder / "student-9", "mobilenet")
     write_json(folder / "student-9" / "student.json", {"target_mflops": 9, "mflops": 9.0, "params": 1,
                                                        "val_accuracy": 0.1})
+
+
+def test_students_without_targets_are_the_start_alone_or_a_one_line_refusal(tmp_path, capsys):
+    from mobileprune.models import save_pickled_model
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=8, test=4)
+    save_pickled_model(tp_pruned_model(ratio=0.7).eval(), tmp_path / "hand-in.pth")
+    (tmp_path / "r.toml").write_text('description = "tiny"\n[data]\nval_size = 10\n[students]\ntargets = []\n')
+    common = ["--no-progress", "students", "--recipe", str(tmp_path / "r.toml"), "--data", str(folder), "--device",
+              "cpu", "--baseline", str(tmp_path / "hand-in.pth"), "--out", str(tmp_path / "students")]
+    assert main(common) == 2
+    assert "targets are empty; give --targets or --with-start" in capsys.readouterr().err
+    assert not (tmp_path / "students").exists()
+    assert main(common + ["--with-start"]) == 0
+    (record_path,) = (tmp_path / "students").glob("*/student.json")
+    assert json.loads(record_path.read_text())["pruned"] is False

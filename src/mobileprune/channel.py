@@ -585,7 +585,8 @@ class StudentsConfig:
             check_stem_stride(config.stem_stride)
         config.stride_plan()  # checks the plan and that it agrees with stem_stride
         targets = config.targets
-        if not isinstance(targets, list) or not targets or not all(
+        # Empty: no cut, the start alone (`students --with-start`), a trained model distilled further.
+        if not isinstance(targets, list) or not all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in targets):
             raise MobilepruneError(f"[students] targets must be a list of positive MFLOPs (got {targets!r})")
         PruneStepConfig.from_dict(config.prune)

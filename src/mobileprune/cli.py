@@ -640,6 +640,9 @@ def cmd_students(args) -> None:
     if args.strides is not None:
         settings["strides"] = parse_stride_plan(args.strides)
     config = StudentsConfig.from_dict(settings)
+    if not config.targets and not args.with_start:
+        raise MobilepruneError("no students to make: the recipe's [students] targets are empty; give --targets or "
+                               "--with-start (the --baseline model itself, uncut)")
     baseline = _baseline(args, recipe)
     out = Path(args.out or Path("runs") / recipe["name"] / "students")
     start = args.baseline or str(Path("runs") / recipe["name"] / "baseline" / "mobilenet.pth")
