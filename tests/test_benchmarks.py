@@ -203,10 +203,10 @@ def test_student_layouts_at_equal_seconds_each_alone_from_one_teacher_cache(tmp_
                                         'resolution = 32\nbf16 = false\neval_batch_size = 10\ntranslate = 1\n')
     assert script.main(["stem7", "cifar", "--recipe", str(tmp_path / "tiny.toml"), "--baseline",
                         str(tmp_path / "dense.pth"), "--teacher", str(tmp_path / "teacher.pt"), "--data", str(data),
-                        "--train-images", "50", "--val-images", "10", "--seconds-each", "3",
+                        "--train-images", "50", "--val-images", "10", "--seconds-each", "1",
                         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
     figures = json.loads((tmp_path / "out" / "layouts.json").read_text())
-    assert figures["seconds_each"] == 3 and figures["teacher_cache"] and figures["epochs"] is None
+    assert figures["seconds_each"] == 1 and figures["teacher_cache"] and figures["epochs"] is None
     assert {r["variant"] for r in figures["rows"]} == {"stem7", "cifar"}
     assert all(r["epochs"] >= 1 and r["MFLOPs"] <= 20 for r in figures["rows"])
     # Each trained alone in its own folder; one cache of the 50 images' 9 views served both.

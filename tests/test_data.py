@@ -110,6 +110,21 @@ def test_torchvision_resize_equals_interpolate():
     assert torch.allclose(data.preprocess(x, 224, "torchvision"), expected, atol=1e-4)
 
 
+def test_preprocess_normalises_before_resizing_as_if_after():
+    """Each resize matrix's rows sum to 1, so normalising the 32-px pixels first (what preprocess does,
+    for speed) gives what normalising the resized image would."""
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    for variant in data.RESIZE_VARIANTS:
+        for size in (112, 224):
+            m = data.resize_matrix(variant, size)
+            assert torch.allclose(m.sum(1), torch.ones(size))
+            expected = (m @ x.float() @ m.T - mean) / std
+            assert torch.allclose(data.preprocess(x, size, variant), expected, atol=1e-5)
+    assert torch.allclose(data.preprocess(x, 32), (x.float() - mean) / std)
+
+
 def test_runner_resize_uses_grid_without_half_pixel_offset():
     m = data.resize_matrix("runner")
     # dest 7 -> source 7*32/224 = 1.0 exactly: pixel 1 alone; dest 3 -> 0.428...: a blend of 0 and 1.
