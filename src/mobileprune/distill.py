@@ -388,7 +388,6 @@ def train_teacher(data: Cifar10, config: TeacherConfig, out_dir: str | Path, dev
     return model, summary
 
 
-@torch.no_grad()
 def _accuracy_keys(split: str, by_level: dict[int, float], tta_level: int) -> dict[str, float]:
     """A summary's accuracy keys: one view, with the mirror, and at the run's TTA level."""
     return {f"{split}_accuracy": by_level[0], f"{split}_accuracy_flip": by_level[1],
@@ -455,6 +454,7 @@ def release_teacher(run: str | Path, release: str | Path, val: tuple[torch.Tenso
     return summary, True
 
 
+@torch.no_grad()
 def _lookahead_step(model: nn.Module, averaged: list[torch.Tensor], decay: float) -> None:
     """Move the EMA ``averaged`` towards the weights by ``1 - decay``, then put the weights there (airbench)."""
     for average, tensor in zip(averaged, model.state_dict().values()):
