@@ -140,3 +140,25 @@ def test_the_tracked_tree_stays_small_enough_to_travel_beside_a_data_part():
     # ../shared/data/cifar-10-batches-bin .gpu-data` wrote it on 2026-12-04; 1 MB kept spare.
     largest_part = 20_034_724 + 8_871
     assert size + largest_part <= 64 * 2**20 - 1_000_000, f"the tracked tree is {size / 1e6:.1f} MB"
+
+
+def test_released_teacher_is_the_file_its_summary_describes():
+    """release/teacher (the 32-px distillation teacher, #32): the stored file is the one the summary's sha256
+    names, its shape and parameter count are the summary's, and on the first 1,000 validation images its
+    single view stays within two points of the stated validation accuracy (measured on all 5,000)."""
+    import hashlib
+
+    from mobileprune.data import load_cifar10
+    from mobileprune.distill import teacher_accuracy
+    from mobileprune.models import load_teacher
+
+    folder = RELEASE / "teacher"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert hashlib.sha256((folder / "teacher.pt").read_bytes()).hexdigest() == summary["sha256"]
+    teacher = load_teacher(folder / "teacher.pt")
+    assert list(teacher.widths) == summary["widths"] and teacher.depth == summary["depth"]
+    assert sum(p.numel() for p in teacher.parameters()) == summary["params"]
+    assert summary["val_images"] == 5000 and summary["test_images"] == 10000
+    data = load_cifar10(real_data_or_skip(), test=False)
+    measured = teacher_accuracy(teacher, data.val_images[:1000], data.val_labels[:1000])
+    assert measured == pytest.approx(summary["val_accuracy"], abs=0.02)

@@ -155,12 +155,13 @@ def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val
 
 def plot_teacher(rows: list[dict], path: str | Path, summary: dict) -> Path:
     """The teacher's validation accuracy and training loss by epoch (its history.csv), the finished
-    teacher's single-view and TTA accuracy marked at the end."""
+    teacher's single-view, mirror-mean (the students' targets) and TTA accuracy marked at the end."""
     fig, (val_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
     epochs = [r["epoch"] for r in rows]
     val_ax.plot(epochs, [r["val_accuracy"] for r in rows], "o-", ms=3, label="validation, one view, each epoch")
     last = epochs[-1] if epochs else summary.get("epochs", 0)
     for key, marker, label in (("val_accuracy", "s", "finished, one view"),
+                               ("val_accuracy_flip", "D", "finished, view and mirror (the students' targets)"),
                                ("val_accuracy_tta", "^", f"finished, TTA level {summary.get('tta_level')}"),
                                ("test_accuracy", "x", "test, one view (reported)")):
         if summary.get(key) is not None:
