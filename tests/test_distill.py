@@ -22,7 +22,7 @@ from mobileprune.cli import main
 from mobileprune.data import augment_views, load_cifar10, preprocess
 from mobileprune.errors import MobilepruneError
 from mobileprune.files import pack, read_csv, unpack
-from mobileprune.models import TeacherNet, load_teacher, save_teacher
+from mobileprune.models import TeacherNet, load_state_with_layout, load_teacher, save_teacher
 
 # fp32: runs compared with each other must not each measure their own precision ("auto", tested apart).
 TINY_TEACHER = dict(widths=[8, 16, 16], depth=3, epochs=2, batch_size=40, eval_batch_size=50, lookahead=True,
@@ -466,10 +466,38 @@ def test_students_train_on_a_resolution_schedule_and_are_validated_at_their_reso
     trained = [size for training, size in seen if training]
     steps = len(trained) // 4  # the bf16 probe is off (bf16 false): every training forward is a step
     assert trained == [16] * (3 * steps) + [32] * steps
-    assert {size for training, size in seen if not training} == {32}  # validation at the lab's size
+    # Epochs at the lab's size are validated (and chosen) there; one trained smaller only at its own size.
+    assert {size for training, size in seen if not training} == {16, 32}
+    history = read_csv(tmp_path / "run" / "student-0" / "history.csv")
+    assert [r["train_resolution"] for r in history] == [16, 16, 16, 32]
+    assert [r["val_at_train_resolution"] is not None for r in history] == [True, True, True, False]
+    assert [r["val_accuracy"] is not None for r in history] == [False, False, False, True]
     for bad in ([0], "224", [224.0]):
         with pytest.raises(MobilepruneError, match="resolutions must be a list of positive pixel sizes"):
             distill.StudentConfig.from_dict({**TINY_STUDENTS, "resolutions": bad})
+
+
+def test_a_trained_start_is_kept_when_no_epoch_beats_it(tmp_path, monkeypatch):
+    # students --with-start: the hand-in itself, distilled further. If every epoch validates worse,
+    # the file kept (and handed on) is the start, not the least bad epoch.
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    model, record = _students(1)["student-0"]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    validations = iter([0.9] + [0.5] * 10)  # the start, then every epoch (model and EMA)
+    monkeypatch.setattr(distill, "student_accuracy", lambda *a, **k: next(validations))
+    stage = distill.train_students({"student-0": (model, {**record, "pruned": False})}, TeacherNet([8, 16, 16], depth=2),
+                                   data, distill.StudentConfig.from_dict(TINY_STUDENTS), tmp_path / "run", 600,
+                                   progress=False, clock=FakeClock())
+    assert stage["students"]["student-0"] == {**stage["students"]["student-0"], "val_accuracy": 0.9, "best_epoch": 0,
+                                              "kept": "start"}
+    kept = load_state_with_layout(tmp_path / "run" / "student-0" / "mobilenet.pt").state_dict()
+    assert all(torch.equal(kept[k], start[k]) for k in start)
+    # A pruned student (the usual case) has no such candidate: its best epoch is kept.
+    validations = iter([0.2, 0.3] * 10)
+    stage = distill.train_students(_students(1), TeacherNet([8, 16, 16], depth=2), data,
+                                   distill.StudentConfig.from_dict(TINY_STUDENTS), tmp_path / "pruned", 600,
+                                   progress=False, clock=FakeClock())
+    assert stage["students"]["student-0"]["best_epoch"] >= 1
 
 
 def test_a_shared_teacher_cache_is_built_alone_then_read_by_a_run(tmp_path, capsys):

@@ -123,8 +123,9 @@ class StudentConfig:
     resolution: int = INPUT_SIZE  # the students' validation (and training) input; only tests go smaller
     # Progressive resizing, as [train] resolutions: the schedule split evenly over these training
     # inputs, say [112, 112, 112, 224] (three quarters at about a quarter of the cost, a finish at
-    # the lab's size to re-learn its scale and BatchNorm statistics). Validation stays at
-    # ``resolution``, so the epoch kept is chosen at the size the grader uses. Empty: ``resolution``.
+    # the lab's size to re-learn its scale and BatchNorm statistics). The epoch kept is chosen at
+    # ``resolution``, the size the grader uses, among the epochs trained there; one trained smaller is
+    # validated at its own size only (its curve). Empty: ``resolution``.
     resolutions: list[int] = field(default_factory=list)
     ema_decay: float = 0.0  # > 0: also keep an EMA of each student's weights; validation picks either
     # "auto": on CUDA; on a CPU chosen per student (and for the teacher's forward) by a short probe
@@ -593,13 +594,13 @@ def _ema_step(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 @torch.no_grad()
 def student_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: StudentConfig,
-                     device: torch.device) -> float:
-    """Validation accuracy at the students' resolution, torchvision's resize (as every epoch is chosen);
-    bf16 on CUDA only: a CPU chooses in fp32, as the grader runs the .pth."""
+                     device: torch.device, resolution: int | None = None) -> float:
+    """Validation accuracy at the students' resolution (or ``resolution``), torchvision's resize (as every
+    epoch is chosen); bf16 on CUDA only: a CPU chooses in fp32, as the grader runs the .pth."""
     model.eval()
     correct = 0
     for start in range(0, len(labels), config.eval_batch_size):
-        x = preprocess(images[start:start + config.eval_batch_size], config.resolution)
+        x = preprocess(images[start:start + config.eval_batch_size], resolution or config.resolution)
         if config.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(config.bf16 is not False and device.type == "cuda", device):
@@ -680,6 +681,10 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         step, epoch, spent, throughput = state["step"], state["epoch"], state["spent"], state["throughput"]
         if log_epochs:
             tqdm.write(f"students: resuming {last} after epoch {epoch} ({spent:.0f} s spent)")
+    if state is None:
+        for s in trainees:
+            if s.record.get("pruned") is False:  # a trained model distilled further (students --with-start)
+                _keep_start(s, val_images, val_labels, config, device, out)
     budget = Budget(steps_per_epoch * config.max_epochs or None, seconds, spent=spent, clock=clock)
     variants = config.resize_variants
 
@@ -707,7 +712,8 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                                           1 if config.teacher_flip else 0)
             variant = variants[int(torch.randint(len(variants), (1,), generator=generator))] if len(variants) > 1 \
                 else variants[0]
-            x = preprocess(small, config.resolution_at(fraction), variant)
+            train_resolution = config.resolution_at(fraction)
+            x = preprocess(small, train_resolution, variant)
             if config.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             target = labels[index]
@@ -732,14 +738,15 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         train_seconds = clock() - started
         throughput.append({"epoch": epoch, "images": seen, "students": len(trainees), "seconds": train_seconds})
         for s in trainees:
-            _validate_and_keep(s, epoch, seen, train_seconds, val_images, val_labels, config, device, out, budget)
+            _validate_and_keep(s, epoch, seen, train_seconds, val_images, val_labels, config, device, out, budget,
+                               train_resolution)
         epoch_seconds = clock() - started  # validation included: what one more epoch will cost
         total_epochs = config.max_epochs or None
         if log_epochs:
             left = f", {time_left(total_epochs - epoch, epoch_seconds)}" if (total_epochs or 0) > epoch else ""
             tqdm.write(f"students epoch {epoch}{f'/{total_epochs}' if total_epochs else ''} ({train_seconds:.1f}s, "
                        f"{budget.spent():.0f}s in all{left}): "
-                       + "  ".join(f"{s.name} {s.history[-1]['val_accuracy']:.4f}" for s in trainees))
+                       + "  ".join(f"{s.name} {_accuracies(s.history[-1])}" for s in trainees))
         save_torch({"students": {s.name: {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                                           "ema": s.ema.state_dict() if s.ema is not None else None,
                                           "layout": channel_layout(s.model)["layers"], "history": s.history,
@@ -775,17 +782,40 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
     return stage
 
 
+def _keep_start(s: _Student, val_images, val_labels, config: StudentConfig, device, out: Path) -> None:
+    """A student that starts trained is its own first candidate (epoch 0): the file kept is never worse
+    than the model the run began from, even when no epoch beats it."""
+    s.best_val, s.best_epoch, s.best_weights = (student_accuracy(s.model, val_images, val_labels, config, device),
+                                                0, "start")
+    save_state_with_layout(s.model, out / s.name, "mobilenet")
+
+
 def _validate_and_keep(s: _Student, epoch: int, seen: int, seconds: float, val_images, val_labels,
-                       config: StudentConfig, device, out: Path, budget: Budget) -> None:
+                       config: StudentConfig, device, out: Path, budget: Budget, train_resolution: int) -> None:
+    # An epoch trained below the grader's size is validated at its own size only: at 224 its BatchNorm
+    # statistics (from 112-px maps) say little until the finish at 224 re-learns them, and such an
+    # epoch is never the one kept; two 224-px passes would cost a 112-px epoch a quarter of its time.
+    low = train_resolution != config.resolution
     row = {"epoch": epoch, "images": seen, "train_loss": s.loss_sum.item() / max(1, seen),
-           "val_accuracy": student_accuracy(s.model, val_images, val_labels, config, device),
-           "val_ema": student_accuracy(s.ema, val_images, val_labels, config, device) if s.ema is not None else None,
+           "val_accuracy": None if low else student_accuracy(s.model, val_images, val_labels, config, device),
+           "val_ema": student_accuracy(s.ema, val_images, val_labels, config, device)
+           if s.ema is not None and not low else None,
+           "train_resolution": train_resolution,
+           "val_at_train_resolution": student_accuracy(s.model, val_images, val_labels, config, device,
+                                                       train_resolution) if low else None,
            "lr": s.optimizer.param_groups[0]["lr"], "seconds": seconds, "spent": budget.spent()}
     s.history.append(row)
     for kind, value, model in (("model", row["val_accuracy"], s.model), ("ema", row["val_ema"], s.ema)):
         if value is not None and value > s.best_val:
             s.best_val, s.best_epoch, s.best_weights = value, epoch, kind
             save_state_with_layout(model, out / s.name, "mobilenet")
+
+
+def _accuracies(row: dict) -> str:
+    """An epoch's validation for the progress line: at the grader's size, or at the training size if lower."""
+    if row["val_accuracy"] is None:
+        return f"{row['val_at_train_resolution']:.4f} at {row['train_resolution']} px"
+    return f"{row['val_accuracy']:.4f}" + (f" (EMA {row['val_ema']:.4f})" if row.get("val_ema") is not None else "")
 
 
 # ----------------------------------------------------------------------------- the whole stage

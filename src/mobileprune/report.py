@@ -138,11 +138,17 @@ def plot_channels(rows: list[dict], path: str | Path) -> Path:
 def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val: float | None = None) -> Path:
     """Validation accuracy of each student against the seconds spent (a distill run's history.csv files)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in histories.items():
+    for name, all_rows in histories.items():
+        rows = [r for r in all_rows if r["val_accuracy"] is not None]  # at the grader's size
         line, = ax.plot([r["spent"] for r in rows], [r["val_accuracy"] for r in rows], "o-", ms=2, label=name)
         if any(r.get("val_ema") is not None for r in rows):
             ax.plot([r["spent"] for r in rows], [r["val_ema"] for r in rows], ":", color=line.get_color(),
                     label=f"{name} (EMA)")
+        low = [r for r in all_rows if r.get("val_at_train_resolution") is not None]
+        if low:  # epochs trained below the grader's size, validated at their own size as well
+            ax.plot([r["spent"] for r in low], [r["val_at_train_resolution"] for r in low], "o", mfc="none",
+                    color=line.get_color(), label=f"{name} at its training size "
+                                                  f"({', '.join(sorted({str(r['train_resolution']) for r in low}))} px)")
     if teacher_val is not None:
         ax.axhline(teacher_val, color="black", ls="--", lw=0.8, label=f"teacher {teacher_val:.4f}")
     ax.axhline(0.92, color="grey", ls=":", lw=0.8, label="lab bar 92 %")
