@@ -37,6 +37,7 @@ from mobileprune.files import write_json
 from mobileprune.models import load_model, load_teacher
 from mobileprune.recipes import load_recipe, section
 from mobileprune.report import markdown_table
+from mobileprune.train import keep_freed_memory
 
 # One change each against per-layer L2 at a uniform ratio. Resolution weighting w scales a block's
 # ratio by (resolution / 14) ** w: w > 0 prunes the 112- and 56-px blocks harder, w < 0 spares them
@@ -122,6 +123,7 @@ def run(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
+    keep_freed_memory()  # as the CLI does: the runs compared here train as `mobileprune distill` would
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--recipe", default="distill-cpu", help="[data] and [distill] (default: distill-cpu)")

@@ -22,9 +22,11 @@ from mobileprune.distill import (StudentConfig, build_teacher_cache, load_teache
                                  train_students)
 from mobileprune.errors import MobilepruneError, exit_code
 from mobileprune.files import write_json
+from mobileprune.train import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # as the CLI does: the runs compared here train as `mobileprune distill` would
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True, help="a trained teacher (teacher.pt of `mobileprune teacher`)")
     parser.add_argument("--students", required=True, help="a folder of students (`mobileprune students`)")

@@ -362,6 +362,20 @@ def test_epoch_lines_say_epoch_k_of_n_and_the_time_left(tmp_path, capsys):
     assert "teacher epoch 1/2" in text and "min left" in text and "teacher epoch 2/2" in text
 
 
+def test_a_students_epoch_line_counts_the_time_left_to_whichever_ends_first(tmp_path, capsys):
+    # --budget-s 2400 on a recipe of 16 epochs: the line must not promise the sixteen.
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    config = distill.StudentConfig.from_dict({**TINY_STUDENTS, "max_epochs": 50})
+    distill.train_students(_students(1), TeacherNet([8, 16, 16], depth=2), data, config, tmp_path / "run", 3000,
+                           progress=False, clock=_Clock(tick=100.0))
+    lines = re.findall(r"students epoch \d+/50 \([\d.]+s, (\d+)s in all(?:, about (?:(\d+) h )?(\d+) min left)?\)",
+                       "".join(capsys.readouterr()))
+    assert len(lines) >= 2 and not lines[-1][2]  # the last epoch promises nothing more
+    for spent, hours, minutes in lines[:-1]:
+        # (the fake clock moves 100 s a call, so the line's own reading of the time is a few calls late)
+        assert minutes and int(hours or 0) * 60 + int(minutes) <= (3000 - int(spent)) / 60 + 10
+
+
 def test_the_teacher_cache_holds_the_targets_of_every_view_and_is_refused_for_another_teacher(tmp_path):
     data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=6, test=2), val_size=6, test=False)
     images = data.train_images

@@ -743,7 +743,10 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
         epoch_seconds = clock() - started  # validation included: what one more epoch will cost
         total_epochs = config.max_epochs or None
         if log_epochs:
-            left = f", {time_left(total_epochs - epoch, epoch_seconds)}" if (total_epochs or 0) > epoch else ""
+            # whichever ends the schedule first: its epochs or its seconds (--budget-s)
+            epochs_left = min(([total_epochs - epoch] if total_epochs else [])
+                              + ([(seconds - budget.spent()) / max(1e-9, epoch_seconds)] if seconds else []))
+            left = f", {time_left(epochs_left, epoch_seconds)}" if budget.progress(step) < 1 else ""
             tqdm.write(f"students epoch {epoch}{f'/{total_epochs}' if total_epochs else ''} ({train_seconds:.1f}s, "
                        f"{budget.spent():.0f}s in all{left}): "
                        + "  ".join(f"{s.name} {_accuracies(s.history[-1])}" for s in trainees))
