@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--figure", default="runs/handin-resolution.png")
     parser.add_argument("--json", help="write the table here as well")
     args = parser.parse_args()
-    histories, table = {}, {}
+    histories, table, folders = {}, {}, {}
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
         if not label:
@@ -44,6 +44,7 @@ def main() -> None:
         files = sorted(Path(folder).glob("student-*/history.csv"))
         if len(files) != 1:
             parser.error(f"{folder}: expected one student-*/history.csv, found {len(files)}")
+        folders[label] = folder
         histories[label] = read_csv(files[0])
         table[label] = summarise(histories[label])
     plot_distill(histories, args.figure)
@@ -57,8 +58,8 @@ def main() -> None:
     print(f"figure: {args.figure}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                               "runs": {label: {"folder": spec.rpartition('=')[2], **table[label]}
-                                                        for label, spec in zip(table, args.runs)}}, indent=2) + "\n")
+                                               "runs": {label: {"folder": folders[label], **table[label]}
+                                                        for label in table}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

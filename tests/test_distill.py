@@ -51,6 +51,13 @@ def test_distill_budget_by_steps_seconds_or_whichever_ends_first():
     assert budget.progress(0) == 1.0 and budget.spent() == pytest.approx(75)
     resumed = distill.Budget(seconds=60, spent=30, clock=clock)  # a resumed run carries its seconds
     assert resumed.progress(0) == 0.5
+    # Epochs left: by steps, or by seconds at the last epoch's pace, whichever ends first.
+    assert resumed.epochs_left(0, steps_per_epoch=10, epoch_seconds=10) == 3
+    assert distill.Budget(steps=100, seconds=600, clock=clock).epochs_left(60, 10, epoch_seconds=10) == 4
+    # Less than one step's seconds left: the schedule is over, not one more epoch of a fraction of a step.
+    clock.now += 25
+    assert resumed.progress(0) < 1 and not resumed.done(0, step_seconds=4) and resumed.done(0, step_seconds=6)
+    assert not distill.Budget(steps=10, clock=clock).done(9, step_seconds=1e9)  # a schedule in steps runs them all
     with pytest.raises(ValueError):
         distill.Budget()
 
@@ -559,3 +566,54 @@ def test_students_without_targets_are_the_start_alone_or_a_one_line_refusal(tmp_
     assert main(common + ["--with-start"]) == 0
     (record_path,) = (tmp_path / "students").glob("*/student.json")
     assert json.loads(record_path.read_text())["pruned"] is False
+
+
+def test_a_milestone_carries_a_run_across_a_lost_runs_folder(tmp_path, capsys, monkeypatch):
+    # A session may begin in a fresh checkout without runs/: the committed milestone (bf16) resumes the
+    # run after its last epoch, and the same command does it.
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=4)
+    teacher = _saved_teacher(TeacherNet([8, 16, 16], depth=2).eval(), tmp_path)
+    (tmp_path / "r.toml").write_text('description = "tiny"\n[data]\nval_size = 20\n[distill]\nbudget_s = 0\n'
+                                     'max_epochs = 3\nbatch_size = 20\nresolution = 32\neval_batch_size = 20\n'
+                                     'bf16 = false\nema_decay = 0.9\n')
+    _write_student(tmp_path / "students")
+    milestone, run = tmp_path / "milestones" / "tiny.pt", tmp_path / "run"
+    command = ["--no-progress", "distill", "--recipe", str(tmp_path / "r.toml"), "--data", str(folder), "--device",
+               "cpu", "--teacher", str(teacher), "--students", str(tmp_path / "students"), "--out", str(run),
+               "--milestone", str(milestone)]
+    validations = []
+    measure = distill.teacher_accuracy
+    monkeypatch.setattr(distill, "teacher_accuracy", lambda *a: validations.append(1) or measure(*a))
+    for epoch in (1, 2):  # chunks of one epoch each
+        assert main(command + ["--stop-after", "0.00001"]) == 75
+        assert f"holds the run after epoch {epoch}; commit it" in capsys.readouterr().out
+        assert len(read_csv(run / "student-9" / "history.csv")) == epoch  # drawn between chunks
+    assert len(validations) == 1  # the loaded teacher is validated once per run, not at every chunk
+    kept = torch.load(milestone, weights_only=True)
+    assert kept["epoch"] == 2 and kept["last"]["students"]["student-9"]["model"]["features.0.0.weight"].dtype \
+        == torch.bfloat16
+    assert milestone.stat().st_size < 0.75 * (run / "last.pt").stat().st_size  # bf16: about half of fp32
+    before = torch.load(run / "last.pt", weights_only=True)["students"]["student-9"]["history"]
+
+    shutil.rmtree(run)  # the work tree is lost; the milestone was committed
+    assert main(command) == 0
+    assert "restored" in capsys.readouterr().out
+    history = read_csv(run / "student-9" / "history.csv")
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["val_accuracy"] for r in history[:2]] == [r["val_accuracy"] for r in before]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    assert torch.load(milestone, weights_only=True)["epoch"] == 3
+    written = milestone.stat().st_mtime_ns
+    assert main(command) == 0 and milestone.stat().st_mtime_ns == written  # done: nothing newer to keep
+    # A run already further along than the milestone is not rolled back by it.
+    assert distill.restore_milestone(milestone, run) is None
+
+    for content, message in ((b"junk", "not a torch.save file"), (None, "not a distill milestone")):
+        bad = tmp_path / "bad.pt"
+        if content is None:
+            torch.save({"epoch": 3}, bad)
+        else:
+            bad.write_bytes(content)
+        assert main(command[:-1] + [str(bad), "--out", str(tmp_path / "other")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not (tmp_path / "other").exists()

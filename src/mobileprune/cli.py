@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "do not pay for it out of the first one's budget")
     p.add_argument("--pack", metavar="DIR", help="then pack what must come back from a GPU machine into DIR "
                                                  "(at most 8 files of 16 MiB)")
+    p.add_argument("--milestone", metavar="FILE", help="keep the students' state in FILE (bf16, small enough to "
+                                                       "commit) when the command ends, and resume from it when OUT "
+                                                       "has not come as far: a run outlives a lost runs/ folder")
     _add_device_arg(p)
     _add_data_args(p)
 
@@ -692,7 +695,8 @@ def cmd_teacher(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .distill import StudentConfig, TeacherConfig, pack_run, read_students, run_distill
+    from .distill import (StudentConfig, TeacherConfig, pack_run, read_students, restore_milestone, run_distill,
+                          save_milestone)
     from .recipes import load_recipe, section
 
     recipe = load_recipe(args.recipe)
@@ -704,10 +708,20 @@ def cmd_distill(args) -> None:
         return _build_cache_only(args, recipe, config)
     students = read_students(args.students or Path("runs") / recipe["name"] / "students")
     out = Path(args.out or Path("runs") / recipe["name"] / "distill")
-    # The test split is never looked at here (a GPU machine is sent the training batches alone).
-    s = run_distill(students, load_data(args, recipe, test=False), teacher_config, config, out, teacher=args.teacher,
-                    budget_s=args.budget_s, device=args.device or _auto_device(), progress=not args.no_progress,
-                    cache_dir=args.cache_dir)
+    if args.milestone and Path(args.milestone).is_file():
+        restored = restore_milestone(args.milestone, out)
+        if restored is not None:
+            print(f"restored {out} from {args.milestone}: after epoch {restored}, weights rounded to bf16")
+    try:
+        # The test split is never looked at here (a GPU machine is sent the training batches alone).
+        s = run_distill(students, load_data(args, recipe, test=False), teacher_config, config, out,
+                        teacher=args.teacher, budget_s=args.budget_s, device=args.device or _auto_device(),
+                        progress=not args.no_progress, cache_dir=args.cache_dir)
+    finally:  # a chunk that stops (--stop-after) leaves its milestone too
+        if args.milestone and (out / "last.pt").is_file():
+            kept = save_milestone(out, args.milestone)
+            if kept is not None:
+                print(f"milestone: {args.milestone} holds the run after epoch {kept}; commit it")
     _draw_plots(out)
     teacher = s["teacher"]
     print(f"teacher: val {teacher['val_accuracy']:.4f}" + (f", {teacher['val_accuracy_tta']:.4f} with TTA"

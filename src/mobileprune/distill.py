@@ -196,6 +196,21 @@ class Budget:
             fractions.append(self.spent() / self.seconds)
         return min(1.0, max(fractions))
 
+    def done(self, step: int, step_seconds: float = 0.0) -> bool:
+        """Whether the schedule is over: all of it spent, or (by seconds) less than one more step of it left.
+
+        Without the second rule an epoch could begin with a fraction of a step to run and then pay a
+        whole validation (a minute and more on a CPU) for it.
+        """
+        return self.progress(step) >= 1 or bool(self.seconds and self.seconds - self.spent() < step_seconds)
+
+    def epochs_left(self, step: int, steps_per_epoch: int, epoch_seconds: float) -> float:
+        """Epochs until the schedule ends, by its steps or by its seconds at ``epoch_seconds`` an epoch: the first."""
+        left = [(self.steps - step) / steps_per_epoch] if self.steps else []
+        if self.seconds:
+            left.append(max(0.0, self.seconds - self.spent()) / max(1e-9, epoch_seconds))
+        return min(left)
+
 
 def lr_factor(progress: float, warmup: float, start: float = 0.0, floor: float = 0.0) -> float:
     """Linear warm-up from ``start`` to 1 over the first ``warmup`` of the schedule, then linear down to ``floor``.
@@ -688,11 +703,14 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
     budget = Budget(steps_per_epoch * config.max_epochs or None, seconds, spent=spent, clock=clock)
     variants = config.resize_variants
 
-    while budget.progress(step) < 1:
+    # Decided once an epoch, so that its line, its chunk check and the loop agree.
+    finished = budget.done(step, _step_seconds(throughput, config.batch_size))
+    while not finished:
         for s in trainees:
             s.model.train()
             s.loss_sum = torch.zeros((), device=device)
         started, seen = clock(), 0
+        train_resolution = config.resolution_at(budget.progress(step))
         order = torch.randperm(len(labels), generator=generator).to(device)
         bar = tqdm(range(steps_per_epoch), disable=not progress, leave=False, unit="batch",
                    desc=f"students epoch {epoch + 1}")
@@ -742,11 +760,10 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                                train_resolution)
         epoch_seconds = clock() - started  # validation included: what one more epoch will cost
         total_epochs = config.max_epochs or None
+        finished = budget.done(step, _step_seconds(throughput, config.batch_size))
         if log_epochs:
-            # whichever ends the schedule first: its epochs or its seconds (--budget-s)
-            epochs_left = min(([total_epochs - epoch] if total_epochs else [])
-                              + ([(seconds - budget.spent()) / max(1e-9, epoch_seconds)] if seconds else []))
-            left = f", {time_left(epochs_left, epoch_seconds)}" if budget.progress(step) < 1 else ""
+            left = "" if finished else \
+                f", {time_left(budget.epochs_left(step, steps_per_epoch, epoch_seconds), epoch_seconds)}"
             tqdm.write(f"students epoch {epoch}{f'/{total_epochs}' if total_epochs else ''} ({train_seconds:.1f}s, "
                        f"{budget.spent():.0f}s in all{left}): "
                        + "  ".join(f"{s.name} {_accuracies(s.history[-1])}" for s in trainees))
@@ -757,7 +774,9 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                                           "best_weights": s.best_weights} for s in trainees},
                     "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                     "epoch": epoch, "spent": budget.spent(), "throughput": throughput, "precision": precision}, last)
-        if budget.progress(step) < 1:
+        for s in trainees:  # every epoch, not only at the end: a run in chunks can be drawn between them
+            write_csv(s.history, out / s.name / "history.csv")
+        if not finished:
             current_chunk().end_if_no_room("students", epoch, total_epochs, epoch_seconds)
 
     images_trained = sum(t["images"] for t in throughput)
@@ -778,16 +797,28 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                    "val_images": len(val_labels), "test_accuracy": None, "test_images": 0, "distill": True,
                    "teacher": "teacher/teacher.pt", "kd_alpha": config.kd_alpha, "resolution": config.resolution,
                    "best_spent_s": best.get("spent"), "bf16": s.bf16}
-        write_csv(s.history, out / s.name / "history.csv")
+        write_csv(s.history, out / s.name / "history.csv")  # again: a run restored already finished has run no epoch
         write_json(out / s.name / "summary.json", summary)
         stage["students"][s.name] = {k: summary[k] for k in ("target_mflops", "mflops", "val_after_pruning",
                                                             "val_accuracy", "best_epoch", "kept")}
     return stage
 
 
+def _step_seconds(throughput: list[dict], batch_size: int) -> float:
+    """Seconds one training step took in the last epoch (0 before the first)."""
+    if not throughput:
+        return 0.0
+    return throughput[-1]["seconds"] / max(1.0, throughput[-1]["images"] / batch_size)
+
+
 def _keep_start(s: _Student, val_images, val_labels, config: StudentConfig, device, out: Path) -> None:
     """A student that starts trained is its own first candidate (epoch 0): the file kept is never worse
-    than the model the run began from, even when no epoch beats it."""
+    than the model the run began from, even when no epoch beats it.
+
+    Its validation is measured here again (a minute on a CPU) rather than read from the students'
+    record, so that the start and every epoch are compared by one procedure: the same images, the
+    same resize, the same precision.
+    """
     s.best_val, s.best_epoch, s.best_weights = (student_accuracy(s.model, val_images, val_labels, config, device),
                                                 0, "start")
     save_state_with_layout(s.model, out / s.name, "mobilenet")
@@ -838,10 +869,13 @@ def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teac
     started = clock()
     if teacher is not None:
         teacher_model = load_teacher(teacher)
-        teacher_summary = {"loaded": str(teacher), "val_accuracy": teacher_accuracy(
-            teacher_model.to(device), data.val_images, data.val_labels, 0, teacher_config.eval_batch_size)}
-        save_teacher(teacher_model, out / "teacher" / "teacher.pt")
-        write_json(out / "teacher" / "summary.json", teacher_summary)
+        digest, saved = _digest(teacher_model.state_dict().values()), out / "teacher" / "summary.json"
+        teacher_summary = json.loads(saved.read_text()) if saved.is_file() else {}
+        if teacher_summary.get("digest") != digest:  # validated once per run, not again at every chunk
+            teacher_summary = {"loaded": str(teacher), "digest": digest, "val_accuracy": teacher_accuracy(
+                teacher_model.to(device), data.val_images, data.val_labels, 0, teacher_config.eval_batch_size)}
+            save_teacher(teacher_model, out / "teacher" / "teacher.pt")
+            write_json(saved, teacher_summary)
         teacher_seconds = clock() - started
     else:
         teacher_model, teacher_summary = train_teacher(data, teacher_config, out / "teacher", device, progress, clock)
@@ -869,6 +903,77 @@ def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teac
     write_json(out / "summary.json", stage)
     return stage
 
+
+
+# ----------------------------------------------------------------------------- milestones in git
+MILESTONE_FORMAT = "mobileprune distill milestone 1"
+
+
+def _cast_floats(obj, dtype: torch.dtype):
+    """``obj`` (nested dicts, lists, tensors) with every floating tensor cast to ``dtype``; the rest as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def save_milestone(run: str | Path, path: str | Path) -> int | None:
+    """A distill run's resumable state (``last.pt`` and each student's kept weights) as one file to commit;
+    returns the epoch kept, or None when the milestone at ``path`` has already come as far.
+
+    ``runs/`` is not in git, and a session may begin in a fresh checkout: a run longer than one
+    session lives on through this file. Every floating tensor is stored in bf16: half of fp32, and
+    its range (unlike fp16's) holds any BatchNorm variance. A run restored from it (``restore_milestone``)
+    goes on from weights and momenta rounded to bf16: close to an unbroken run, not bit-equal.
+    """
+    run, path = Path(run), Path(path)
+    if not (run / "last.pt").is_file():
+        raise MobilepruneError(f"{run}: no last.pt to keep (the run has not finished an epoch)")
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    if path.is_file() and _read_milestone(path)["epoch"] >= state["epoch"]:
+        return None
+    kept = {}
+    for name in state["students"]:
+        weights = run / name / "mobilenet.pt"
+        if weights.is_file():
+            kept[name] = {"weights": torch.load(weights, map_location="cpu", weights_only=True),
+                          "layout": json.loads(weights.with_suffix(".layout.json").read_text())}
+    save_torch(_cast_floats({"format": MILESTONE_FORMAT, "epoch": state["epoch"], "last": state, "kept": kept},
+                            torch.bfloat16), path)
+    return state["epoch"]
+
+
+def _read_milestone(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        milestone = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MobilepruneError(f"{path}: no such milestone file") from None
+    except Exception as e:  # noqa: BLE001  a file torch cannot read: say which, not how
+        raise MobilepruneError(f"{path}: not a torch.save file ({type(e).__name__})") from None
+    if not isinstance(milestone, dict) or milestone.get("format") != MILESTONE_FORMAT:
+        raise MobilepruneError(f"{path}: not a distill milestone (written by `mobileprune distill --milestone`)")
+    return milestone
+
+
+def restore_milestone(path: str | Path, run: str | Path) -> int | None:
+    """Put the milestone at ``path`` back into ``run`` (``last.pt`` and kept weights, in fp32), unless
+    ``run`` has already come as far; returns the epoch restored, or None."""
+    run = Path(run)
+    milestone = _read_milestone(path)
+    if (run / "last.pt").is_file():
+        here = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"]
+        if here >= milestone["epoch"]:
+            return None
+    milestone = _cast_floats(milestone, torch.float32)
+    for name, kept in milestone["kept"].items():
+        save_torch(kept["weights"], run / name / "mobilenet.pt")
+        write_json(run / name / "mobilenet.layout.json", kept["layout"])
+    save_torch(milestone["last"], run / "last.pt")  # last: a run cut here finds no last.pt without its weights
+    return milestone["epoch"]
 
 
 # ----------------------------------------------------------------------------- the trip back
