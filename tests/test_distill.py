@@ -498,6 +498,34 @@ def test_students_train_on_a_resolution_schedule_and_are_validated_at_their_reso
             distill.StudentConfig.from_dict({**TINY_STUDENTS, "resolutions": bad})
 
 
+def test_bf16_is_measured_at_each_training_size_of_a_resolution_schedule(tmp_path, monkeypatch):
+    # bf16 pays for a MobileNetV2 at 224 px and not at 112: one probe at the first size would run the
+    # rest of a progressive schedule in the wrong precision. Here the (fake) probe says bf16 pays at 32 only.
+    probed = []
+
+    def probe(setting, model, size, *args, train=True, **kwargs):
+        probed.append((size, train))
+        return {"bf16": train and size == 32, "setting": setting, "fp32_images_per_s": 1.0,
+                "bf16_images_per_s": 2.0 if size == 32 else 0.5}
+
+    monkeypatch.setattr(distill, "choose_bf16", probe)
+    data = load_cifar10(make_cifar_dir(tmp_path / "d", per_batch=12, test=4), val_size=20, test=False)
+    config = distill.StudentConfig.from_dict({**TINY_STUDENTS, "max_epochs": 2, "budget_s": 0, "bf16": "auto",
+                                              "resolutions": [16, 32]})
+    students = _students(1)
+    steps = []
+    students["student-0"][0].register_forward_pre_hook(
+        lambda m, args: steps.append((args[0].shape[-1], torch.is_autocast_enabled("cpu"))) if m.training else None)
+    distill.train_students(students, TeacherNet([8, 16, 16], depth=2), data, config, tmp_path / "run", None,
+                           progress=False)
+    assert [size for size, train in probed if train] == [16, 32]  # each size once, when it is first met
+    assert {(16, False), (32, True)} == set(steps)
+    summary = json.loads((tmp_path / "run" / "student-0" / "summary.json").read_text())
+    assert summary["bf16"] == {"16": False, "32": True}
+    precision = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["precision"]
+    assert precision["student-0"]["bf16"] is False and precision["student-0 at 32 px"]["bf16"] is True
+
+
 def test_a_trained_start_is_kept_when_no_epoch_beats_it(tmp_path, monkeypatch):
     # students --with-start: the hand-in itself, distilled further. If every epoch validates worse,
     # the file kept (and handed on) is the start, not the least bad epoch.

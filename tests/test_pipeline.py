@@ -159,6 +159,61 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
     assert "cut.pt" in err and err.count("\n") == 1
 
 
+def test_cli_recalibrate_keeps_the_better_of_the_two_under_the_worse_resize(tmp_path, capsys, monkeypatch,
+                                                                            pruned_model):
+    import torch
+    import mobileprune.evaluate
+    from mobileprune.data import load_cifar10
+    from mobileprune.models import load_model, save_state_with_layout
+    from mobileprune.train import recalibrate_batchnorm
+    from conftest import randomize_batchnorm
+
+    folder = make_cifar_dir(tmp_path / "d", per_batch=12, test=6)
+    recipe = tmp_path / "split.toml"
+    recipe.write_text("[data]\nval_size = 10\n")
+    run = tmp_path / "run"  # a Part 2 run folder: its record is carried forward
+    trained = randomize_batchnorm(pruned_model, seed=3)
+    save_state_with_layout(trained, run, "mobilenet")
+    (run / "summary.json").write_text(json.dumps({"target_mflops": 150, "dense_mflops": 318.969098, "distill": True}))
+    (run / "schedule.csv").write_text("step,mflops,params,val_pruned,val_finetuned\n1,149.9,1000,0.1,0.2\n")
+    args = ["--no-progress", "recalibrate", str(run / "mobilenet.pt"), "--recipe", str(recipe), "--data", str(folder),
+            "--device", "cpu", "--no-export", "--images", "20"]
+    data = load_cifar10(folder, val_size=10)
+
+    # Validation, in the order measured: as is (torchvision, runner), recalibrated (same), then the test.
+    def measured(values):
+        answers = iter(values)
+        monkeypatch.setattr(mobileprune.evaluate, "accuracy", lambda *a, **k: next(answers))
+
+    # As is: 0.9 and 0.5; recalibrated: 0.7 and 0.6. The worse resize decides: recalibrated.
+    measured([0.9, 0.5, 0.7, 0.6, 0.4])
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["kept"] == "recalibrated" and summary["val_accuracy"] == 0.7 and summary["val_accuracy_runner"] == 0.6
+    assert summary["val_by_resize"]["as is"] == {"torchvision": 0.9, "runner": 0.5} and summary["test_accuracy"] == 0.4
+    assert "kept recalibrated" in capsys.readouterr().out
+    # Its statistics are an exact estimate on the first 20 of a seeded permutation of the training images.
+    chosen = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:20]
+    expected = recalibrate_batchnorm(load_model(run / "mobilenet.pt"), data.train_images[chosen], batch_size=100)
+    kept, original = load_model(tmp_path / "a" / "mobilenet.pt").state_dict(), trained.state_dict()
+    assert all(torch.allclose(kept[k], v, atol=1e-6) for k, v in expected.state_dict().items())
+    assert not torch.allclose(kept["features.1.conv.0.1.running_var"], original["features.1.conv.0.1.running_var"])
+    assert summary["target_mflops"] == 150 and summary["distill"] is True
+    assert (tmp_path / "a" / "schedule.csv").read_text().splitlines()[-1].startswith("recalibrate,")
+
+    # A tie under the worse resize keeps the model as it is, weights and statistics unchanged.
+    measured([0.9, 0.6, 0.95, 0.6, 0.4])
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    kept = load_model(tmp_path / "b" / "mobilenet.pt").state_dict()
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["kept"] == "as is"
+    assert all(torch.equal(kept[k], v) for k, v in original.items())
+
+    # More images than the training split holds: one line, nothing written.
+    assert main(args[:-1] + ["100000", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--images must be between 1 and the" in err and err.count("\n") == 1 and not (tmp_path / "c").exists()
+
+
 def test_cli_average_keeps_the_best_interpolation_on_validation(tmp_path, capsys, pruned_model):
     import torch
     from mobileprune.models import build_mobilenet_v2, interpolate_models, load_model, save_state_with_layout

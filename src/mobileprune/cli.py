@@ -265,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="write no .pte")
     _add_data_args(p)
 
+    p = sub.add_parser("recalibrate", help="Part 2: re-estimate a trained model's BatchNorm statistics on training "
+                                           "images; keep it if it validates higher under both resizes")
+    p.add_argument("model", help="the trained model (.pt with its layout, or .pth); the Part 2 record beside it "
+                                 "(schedule.csv) is carried forward")
+    p.add_argument("--images", type=_positive, default=10000, help="training images to estimate the statistics on "
+                                                                  "(default: 10000)")
+    p.add_argument("--recipe", default="lab2-45", help="recipe whose [data] sets the validation split (default: "
+                                                       "lab2-45)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe>/recalibrate)")
+    _add_device_arg(p)
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    p.add_argument("--no-export", action="store_true", help="write no .pte")
+    _add_data_args(p)
+
     p = sub.add_parser("students", help="prune the dense baseline to each MFLOPs target in one step: students for "
                                         "`mobileprune distill`")
     _add_stage_args(p, "students", default_recipe="distill", export=False)
@@ -629,6 +643,23 @@ def cmd_average(args) -> None:
           f"average.png, summary.json" + (f", and {source_run}'s schedule with an average row" if source_run else ""))
 
 
+def cmd_recalibrate(args) -> None:
+    from .channel import recalibrate
+    from .models import load_model
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    model = load_model(args.model, args.trust_pickle)
+    out = Path(args.out or Path("runs") / recipe["name"] / "recalibrate")
+    s = recalibrate(model, load_data(args, recipe), args.images, out, device=args.device or _auto_device(),
+                    progress=not args.no_progress, source_run=_part2_run_of(args.model), export=not args.no_export)
+    _draw_plots(out)
+    tried = "; ".join(f"{name} {v['torchvision']:.4f} / {v['runner']:.4f}" for name, v in s["val_by_resize"].items())
+    print(f"validation, torchvision / runner resize: {tried}; kept {s['kept']}, test {s['test_accuracy']:.4f} "
+          f"({s['test_images']:,} images, torchvision resize), {s['mflops']:.2f} MFLOPs")
+    print(f"wrote {out}/mobilenet.pth, {'' if args.no_export else 'mobilenet.pte, '}mobilenet.pt + layout, summary.json")
+
+
 def cmd_students(args) -> None:
     from .channel import StudentsConfig, prepare_students, student_name, student_strides
     from .models import parse_stride_plan
@@ -846,7 +877,7 @@ def cmd_bench(args) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "grade": cmd_grade,
             "bench": cmd_bench, "finegrained": cmd_finegrained, "prune": cmd_prune, "recover": cmd_recover,
-            "average": cmd_average, "students": cmd_students, "teacher": cmd_teacher,
+            "average": cmd_average, "recalibrate": cmd_recalibrate, "students": cmd_students, "teacher": cmd_teacher,
             "distill": cmd_distill, "pack": cmd_pack,
             "unpack": cmd_unpack, "run": cmd_run, "package": cmd_package, "report": cmd_report}
 

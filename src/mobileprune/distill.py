@@ -41,9 +41,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import INPUT_SIZE, RESIZE_VARIANTS, Cifar10, augment, augment_views, cutout, preprocess
-from .errors import MobilepruneError, check_known_settings
-from .files import pack, read_csv, save_torch, write_csv, write_json
-from .models import TeacherNet, channel_layout, load_state_with_layout, load_teacher, save_state_with_layout, save_teacher
+from .errors import MobilepruneError, check_known_settings, first_line
+from .files import cast_floats, pack, read_csv, save_torch, write_csv, write_json
+from .models import (TeacherNet, channel_layout, check_torch_file, load_state_with_layout, load_teacher,
+                     save_state_with_layout, save_teacher)
 from .train import (autocast, bf16_supported, check_bf16_setting, choose_bf16, current_chunk, describe_precision,
                     distillation_loss, time_left)
 
@@ -570,7 +571,6 @@ class _Student:
     best_val: float = -1.0
     best_epoch: int = 0
     best_weights: str = "model"  # or "ema"
-    bf16: bool = False  # this student's steps in bf16 autocast (choose_bf16, per student)
     loss_sum: torch.Tensor | None = None  # this epoch's, summed on the device: no host sync per step
 
 
@@ -669,17 +669,30 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
     if state is not None and sorted(state["students"]) != sorted(s.name for s in trainees):
         raise MobilepruneError(f"{last}: a run of students {sorted(state['students'])}, not "
                                f"{sorted(s.name for s in trainees)}; use another --out or delete it")
-    # bf16 or not is chosen once per run for each student (at its first training input) and the
-    # teacher's forward, kept in last.pt.
+    # bf16 or not is measured for the teacher's forward and for each student at each training input
+    # size it meets (a probe of a few steps, at that size's first step), and kept in last.pt: a
+    # MobileNetV2 gains from bf16 at 224 px and not at 112 (docs/method.md), so one answer for a
+    # progressive schedule would be wrong at one of its sizes.
+    first_size = config.resolution_at(0)
     precision = (state or {}).get("precision") or {
-        **{s.name: choose_bf16(config.bf16, s.model, config.resolution_at(0), config.batch_size, device,
-                               config.channels_last and device.type == "cuda") for s in trainees},
         "teacher": choose_bf16(config.bf16, teacher, TEACHER_RESOLUTION, config.batch_size, device, train=False)}
-    for s in trainees:
-        s.bf16 = precision[s.name]["bf16"]
+
+    def student_bf16(s: _Student, size: int) -> bool:
+        key = _precision_key(s.name, size, first_size)
+        if key not in precision:
+            precision[key] = choose_bf16(config.bf16, s.model, size, config.batch_size, device,
+                                         config.channels_last and device.type == "cuda")
+            if log_epochs and size != first_size:  # the first size's: in the run's first line
+                tqdm.write(f"students: {key} {describe_precision(precision[key])}")
+        return precision[key]["bf16"]
+
+    if state is None:
+        for s in trainees:
+            student_bf16(s, first_size)
+        if log_epochs:
+            tqdm.write("students: " + ", ".join(f"{name} {describe_precision(record)}"
+                                                for name, record in precision.items()))
     teacher_bf16 = precision["teacher"]["bf16"]
-    if state is None and log_epochs:
-        tqdm.write("students: " + ", ".join(f"{name} {describe_precision(record)}" for name, record in precision.items()))
     if state is not None:
         for s in trainees:
             saved = state["students"][s.name]
@@ -738,7 +751,7 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
             for s in trainees:
                 for group in s.optimizer.param_groups:
                     group["lr"] = config.lr * factor
-                with autocast(s.bf16, device):
+                with autocast(student_bf16(s, train_resolution), device):
                     logits = s.model(x).float()
                     loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
                     if config.kd_alpha:
@@ -796,12 +809,20 @@ def train_students(students: dict[str, tuple[nn.Module, dict]], teacher: nn.Modu
                    "val_last": s.history[-1]["val_accuracy"] if s.history else None,
                    "val_images": len(val_labels), "test_accuracy": None, "test_images": 0, "distill": True,
                    "teacher": "teacher/teacher.pt", "kd_alpha": config.kd_alpha, "resolution": config.resolution,
-                   "best_spent_s": best.get("spent"), "bf16": s.bf16}
+                   "best_spent_s": best.get("spent"),
+                   "bf16": {str(size): precision[key]["bf16"] for size in sorted({*config.resolutions, first_size})
+                            if (key := _precision_key(s.name, size, first_size)) in precision}}
         write_csv(s.history, out / s.name / "history.csv")  # again: a run restored already finished has run no epoch
         write_json(out / s.name / "summary.json", summary)
         stage["students"][s.name] = {k: summary[k] for k in ("target_mflops", "mflops", "val_after_pruning",
                                                             "val_accuracy", "best_epoch", "kept")}
     return stage
+
+
+def _precision_key(student: str, size: int, first_size: int) -> str:
+    """Where a student's bf16 probe at ``size`` is kept in a run's ``precision``: under its name for the
+    first training size (as every run before per-size probes kept it), else "NAME at SIZE px"."""
+    return student if size == first_size else f"{student} at {size} px"
 
 
 def _step_seconds(throughput: list[dict], batch_size: int) -> float:
@@ -909,17 +930,6 @@ def run_distill(students: dict[str, tuple[nn.Module, dict]], data: Cifar10, teac
 MILESTONE_FORMAT = "mobileprune distill milestone 1"
 
 
-def _cast_floats(obj, dtype: torch.dtype):
-    """``obj`` (nested dicts, lists, tensors) with every floating tensor cast to ``dtype``; the rest as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
-    return obj
-
-
 def save_milestone(run: str | Path, path: str | Path) -> int | None:
     """A distill run's resumable state (``last.pt`` and each student's kept weights) as one file to commit;
     returns the epoch kept, or None when the milestone at ``path`` has already come as far.
@@ -941,19 +951,18 @@ def save_milestone(run: str | Path, path: str | Path) -> int | None:
         if weights.is_file():
             kept[name] = {"weights": torch.load(weights, map_location="cpu", weights_only=True),
                           "layout": json.loads(weights.with_suffix(".layout.json").read_text())}
-    save_torch(_cast_floats({"format": MILESTONE_FORMAT, "epoch": state["epoch"], "last": state, "kept": kept},
+    save_torch(cast_floats({"format": MILESTONE_FORMAT, "epoch": state["epoch"], "last": state, "kept": kept},
                             torch.bfloat16), path)
     return state["epoch"]
 
 
 def _read_milestone(path: str | Path) -> dict:
     path = Path(path)
+    check_torch_file(path)
     try:
         milestone = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MobilepruneError(f"{path}: no such milestone file") from None
-    except Exception as e:  # noqa: BLE001  a file torch cannot read: say which, not how
-        raise MobilepruneError(f"{path}: not a torch.save file ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001  a zip torch cannot read: say which file, and what torch said
+        raise MobilepruneError(f"{path}: cannot load ({first_line(e)})") from None
     if not isinstance(milestone, dict) or milestone.get("format") != MILESTONE_FORMAT:
         raise MobilepruneError(f"{path}: not a distill milestone (written by `mobileprune distill --milestone`)")
     return milestone
@@ -968,7 +977,7 @@ def restore_milestone(path: str | Path, run: str | Path) -> int | None:
         here = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"]
         if here >= milestone["epoch"]:
             return None
-    milestone = _cast_floats(milestone, torch.float32)
+    milestone = cast_floats(milestone, torch.float32)
     for name, kept in milestone["kept"].items():
         save_torch(kept["weights"], run / name / "mobilenet.pt")
         write_json(run / name / "mobilenet.layout.json", kept["layout"])

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.models import mobilenetv2
 
 from .errors import MobilepruneError, first_line
-from .files import save_torch, write_json
+from .files import cast_floats, save_torch, write_json
 
 NUM_CLASSES = 10
 LAYOUT_VERSION = 1
@@ -406,8 +406,7 @@ def _teacher_conv(channels_in: int, channels_out: int) -> nn.Conv2d:
 
 def save_teacher(model: TeacherNet, path: str | Path, extra: dict | None = None) -> Path:
     """The teacher in one small file: its shape and a bf16 state_dict (a dict of tensors, safe to load)."""
-    state = {k: (v.detach().cpu().to(torch.bfloat16) if v.is_floating_point() else v.detach().cpu())
-             for k, v in model.state_dict().items()}
+    state = cast_floats(model.state_dict(), torch.bfloat16)
     blob = {"arch": TEACHER_ARCH, "version": 1, "widths": model.widths, "depth": model.depth, "state": state,
             **({"extra": extra} if extra else {})}
     return save_torch(blob, path)
