@@ -161,6 +161,8 @@ def test_cli_recover_trains_a_pruned_model_further(tmp_path, capsys, pruned_mode
 
 def test_cli_recalibrate_keeps_the_better_of_the_two_under_the_worse_resize(tmp_path, capsys, monkeypatch,
                                                                             pruned_model):
+    import copy
+
     import torch
     import mobileprune.evaluate
     from mobileprune.data import load_cifar10
@@ -172,7 +174,7 @@ def test_cli_recalibrate_keeps_the_better_of_the_two_under_the_worse_resize(tmp_
     recipe = tmp_path / "split.toml"
     recipe.write_text("[data]\nval_size = 10\n")
     run = tmp_path / "run"  # a Part 2 run folder: its record is carried forward
-    trained = randomize_batchnorm(pruned_model, seed=3)
+    trained = randomize_batchnorm(copy.deepcopy(pruned_model), seed=3)  # the session's model stays as it is
     save_state_with_layout(trained, run, "mobilenet")
     (run / "summary.json").write_text(json.dumps({"target_mflops": 150, "dense_mflops": 318.969098, "distill": True}))
     (run / "schedule.csv").write_text("step,mflops,params,val_pruned,val_finetuned\n1,149.9,1000,0.1,0.2\n")
