@@ -90,6 +90,17 @@ def _fraction(text: str) -> float:
 TRUST_PICKLE = "unpickle any class (only for files you trust; by default only a MobileNetV2's classes load)"
 
 
+def _add_model_stage_args(p, stage: str) -> None:
+    """What a stage that reworks a trained Part 2 model without training it (average, recalibrate) takes."""
+    p.add_argument("--recipe", default="lab2-45", help="recipe whose [data] sets the validation split (default: "
+                                                       "lab2-45)")
+    p.add_argument("--out", help=f"output folder (default: runs/<recipe>/{stage})")
+    _add_device_arg(p)
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    p.add_argument("--no-export", action="store_true", help="write no .pte")
+    _add_data_args(p)
+
+
 def _add_device_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--device", type=_device, default=default,
                    help=f"cpu, cuda or cuda:N (default: {default or 'cuda when present, else cpu'})")
@@ -257,27 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=_fraction, nargs="+", default=[0.25, 0.5, 0.75],
                    help="weights of SECOND to try, each in (0, 1); the ends 0 and 1 are always tried "
                         "(default: 0.25 0.5 0.75)")
-    p.add_argument("--recipe", default="lab2-45", help="recipe whose [data] sets the validation split (default: "
-                                                       "lab2-45)")
-    p.add_argument("--out", help="output folder (default: runs/<recipe>/average)")
-    _add_device_arg(p)
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
-    p.add_argument("--no-export", action="store_true", help="write no .pte")
-    _add_data_args(p)
+    _add_model_stage_args(p, "average")
 
     p = sub.add_parser("recalibrate", help="Part 2: re-estimate a trained model's BatchNorm statistics on training "
-                                           "images; keep it if it validates higher under both resizes")
+                                           "images; keep it if it validates higher under the worse of the two resizes")
     p.add_argument("model", help="the trained model (.pt with its layout, or .pth); the Part 2 record beside it "
                                  "(schedule.csv) is carried forward")
     p.add_argument("--images", type=_positive, default=10000, help="training images to estimate the statistics on "
                                                                   "(default: 10000)")
-    p.add_argument("--recipe", default="lab2-45", help="recipe whose [data] sets the validation split (default: "
-                                                       "lab2-45)")
-    p.add_argument("--out", help="output folder (default: runs/<recipe>/recalibrate)")
-    _add_device_arg(p)
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
-    p.add_argument("--no-export", action="store_true", help="write no .pte")
-    _add_data_args(p)
+    _add_model_stage_args(p, "recalibrate")
 
     p = sub.add_parser("students", help="prune the dense baseline to each MFLOPs target in one step: students for "
                                         "`mobileprune distill`")
