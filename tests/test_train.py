@@ -165,7 +165,7 @@ def test_a_stopped_chunk_exits_75_with_one_line(capsys):
 
 def test_kept_freed_memory_is_not_faulted_in_again_every_step():
     # A step frees its activations and allocates the same sizes again: with glibc's defaults each
-    # 64-MB block goes back to the kernel and every page faults in anew (benchmarks/cpu_allocator.py).
+    # 64-MB block goes back to the kernel and every page faults in anew (docs/method.md).
     import subprocess
     import sys
 

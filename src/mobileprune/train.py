@@ -106,27 +106,27 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def keep_freed_memory(mode: str = "no-mmap") -> bool:
+def keep_freed_memory() -> bool:
     """Ask glibc to keep the memory of freed tensors for the next step instead of returning it to the kernel.
 
     By default glibc gives every block over its mmap threshold back with munmap on free (and trims the
     heap), so each training step faults fresh zeroed pages in again: a CPU distill run of the hand-in
-    spent about 30 % of its time in the kernel (benchmarks/cpu_allocator.py). A training loop frees
-    and re-allocates the same sizes every step, so keeping them costs no more memory than one step's
-    peak. ``mode``: "no-mmap" (every block from the heap, never trimmed) or "mmap-32m" (only blocks over
-    32 MiB mapped apart). Process-wide, glibc only; False where it does not apply (another libc).
+    spent about 30 % of its time in the kernel (docs/method.md, "Freed memory kept for the next step").
+    A training loop frees and re-allocates the same sizes every step, so keeping them costs no more
+    memory than one step's peak. Every block comes from the heap, which is never trimmed (mapping only
+    blocks over 32 MiB apart left 224-px steps at half the speed). Process-wide, glibc only; False where
+    it does not apply (another libc).
     """
     import ctypes
     import ctypes.util
 
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    settings = [(M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20)]
-    settings += [(M_MMAP_MAX, 0)] if mode == "no-mmap" else [(M_MMAP_THRESHOLD, 32 << 20)]
+    settings = [(M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20), (M_MMAP_MAX, 0)]
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
