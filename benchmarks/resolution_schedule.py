@@ -32,22 +32,27 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=DIR: a distill --out folder (its one student is read)")
+    parser.add_argument("runs", nargs="+", help="LABEL=DIR: a student's folder, a distill --out folder with one "
+                                                "student, or a variant's under student_layouts.py's kd/")
     parser.add_argument("--figure", default="runs/handin-resolution.png")
     parser.add_argument("--json", help="write the table here as well")
+    parser.add_argument("--title", default="Runs trained apart, by the seconds each spent")
     args = parser.parse_args()
     histories, table, folders = {}, {}, {}
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
         if not label:
             parser.error(f"{spec!r}: give each run as LABEL=DIR")
-        files = sorted(Path(folder).glob("student-*/history.csv"))
+        # the student's own folder, or a run's student-*/ or a layout study's variant/ (never the
+        # teacher a distill run trained itself)
+        files = [Path(folder) / "history.csv"] if (Path(folder) / "history.csv").is_file() else \
+            sorted(f for f in Path(folder).glob("*/history.csv") if f.parent.name != "teacher")
         if len(files) != 1:
-            parser.error(f"{folder}: expected one student-*/history.csv, found {len(files)}")
+            parser.error(f"{folder}: expected one */history.csv (one student), found {len(files)}")
         folders[label] = folder
         histories[label] = read_csv(files[0])
         table[label] = summarise(histories[label])
-    plot_distill(histories, args.figure)
+    plot_distill(histories, args.figure, title=args.title)
     print("| run | epochs | seconds | images | last (EMA) at 224 | best at 224 (epoch) |")
     print("|---|---|---|---|---|---|")
     for label, r in table.items():

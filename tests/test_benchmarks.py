@@ -102,3 +102,29 @@ def test_student_layouts_at_equal_seconds_each_alone_from_one_teacher_cache(tmp_
     assert sorted(p.name for p in (tmp_path / "out" / "kd").iterdir()) == ["cifar", "stem7"]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["logits-translate1-flipmean.pt"]
     assert "| stem7 |" in capsys.readouterr().out
+
+
+def test_resolution_schedule_reads_one_student_per_run_never_a_trained_teacher(tmp_path, capsys, monkeypatch):
+    """A distill run's student-*/ or a layout study's variant folder; a run's own teacher/ history is not a student."""
+    from mobileprune.files import write_csv
+
+    row = {"epoch": 1, "images": 100, "val_accuracy": 0.5, "val_ema": 0.6, "spent": 10.0}
+    write_csv([row], tmp_path / "distill" / "student-20" / "history.csv")
+    write_csv([{"epoch": 1, "val_accuracy": 0.9}], tmp_path / "distill" / "teacher" / "history.csv")
+    write_csv([{**row, "val_ema": 0.7}], tmp_path / "layouts" / "kd" / "cifar" / "cifar" / "history.csv")
+    script = load_script("resolution_schedule")
+    figure = tmp_path / "f.png"
+    monkeypatch.setattr("sys.argv", ["x", f"a={tmp_path / 'distill'}", f"b={tmp_path / 'layouts' / 'kd' / 'cifar'}",
+                                     "--figure", str(figure), "--title", "two runs"])
+    script.main()
+    out = capsys.readouterr().out
+    assert "| a | 1 | 10 | 100 | 0.5000 (0.6000) | 0.6000 (1) |" in out and "| b |" in out and "0.7000 (1)" in out
+    assert figure.stat().st_size > 10_000
+    write_csv([row], tmp_path / "distill" / "student-15" / "history.csv")  # two students: which one is meant?
+    monkeypatch.setattr("sys.argv", ["x", f"a={tmp_path / 'distill'}", "--figure", str(figure)])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert "expected one */history.csv (one student), found 2" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["x", f"a={tmp_path / 'distill' / 'student-15'}", "--figure", str(figure)])
+    script.main()  # then name the student's own folder
+    assert "| a | 1 |" in capsys.readouterr().out

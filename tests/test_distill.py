@@ -622,6 +622,19 @@ def test_a_milestone_carries_a_run_across_a_lost_runs_folder(tmp_path, capsys, m
         == torch.bfloat16
     assert milestone.stat().st_size < 0.75 * (run / "last.pt").stat().st_size  # bf16: about half of fp32
     before = torch.load(run / "last.pt", weights_only=True)["students"]["student-9"]["history"]
+    # Small enough to commit: no momenta, and a kept file equal to the EMA or the weights is a reference.
+    saved = kept["last"]["students"]["student-9"]
+    assert saved["optimizer"]["state"] == {} and saved["optimizer"]["param_groups"]
+    state = torch.load(run / "last.pt", weights_only=True)["students"]["student-9"]
+    best = torch.load(run / "student-9" / "mobilenet.pt", weights_only=True)
+    same = distill._by_reference(best, state)
+    assert kept["kept"]["student-9"].keys() - {"layout"} == same.keys()
+    assert distill._by_reference(best, {"ema": best}) == {"same_as": "ema"}
+    changed = {**best, "features.0.0.weight": best["features.0.0.weight"] + 1}
+    assert distill._by_reference(changed, {"ema": best, "model": best}) == {"weights": changed}
+    distill.restore_milestone(milestone, tmp_path / "restored")  # the kept file comes back either way
+    restored = torch.load(tmp_path / "restored" / "student-9" / "mobilenet.pt", weights_only=True)
+    assert all(torch.allclose(restored[k].float(), v.float(), rtol=1e-2, atol=1e-2) for k, v in best.items())
 
     shutil.rmtree(run)  # the work tree is lost; the milestone was committed
     assert main(command) == 0

@@ -294,13 +294,14 @@ def test_stage_folders_are_told_apart_by_their_summaries(tmp_path):
                  "prune": {"target_mflops": 45}, "more": {"val_before": 0.8},
                  "prune-more": {"target_mflops": 45, "val_before": 0.8}, "avg": {"val_by_fraction": {}},
                  "prune-avg": {"target_mflops": 45, "val_by_fraction": {}}, "dist": {"students": {}},
-                 "teach": {"tta_level": 2, "val_accuracy": 0.9}, "other": {"note": 1}}
+                 "teach": {"tta_level": 2, "val_accuracy": 0.9}, "recal": {"val_by_resize": {}}, "other": {"note": 1}}
     for name, summary in summaries.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     stages = {kind: [p.name for p in paths] for kind, paths in find_stages(tmp_path).items()}
     assert stages == {"baseline": ["base"], "finegrained": ["fg"], "prune": ["prune", "prune-avg", "prune-more"],
-                      "recover": ["more", "prune-more"], "average": ["avg", "prune-avg"], "distill": ["dist"],
+                      "recover": ["more", "prune-more"], "average": ["avg", "prune-avg"], "recalibrate": ["recal"],
+                      "distill": ["dist"],
                       "teacher": ["teach"], "grade": [], "grade.int8": []}
 
 

@@ -108,6 +108,26 @@ def test_the_hand_in_s_record_and_the_runs_before_it_count_as_stated():
     assert hand_in["val_accuracy"] == hand_in_rows[-1]["val_finetuned"]
 
 
+def test_the_26_mflop_point_counts_and_grades_as_stated():
+    """prune-26 (issue #34's second goal): the hand-in cut in one step to 25.94 MFLOPs, distilled 20 epochs
+    on the CPU; its released weights re-measured on the real test set, its kept epoch the best on validation."""
+    from mobileprune.report import read_schedule
+
+    data = real_data_or_skip()
+    folder = RELEASE / "prune-26"
+    stated = stated_grade(folder / "grade.json", folder)
+    assert stated["mflops"] == pytest.approx(25.936285, abs=1e-6) and stated["strides"] == {}
+    assert stated["score"] == pytest.approx(40.99, abs=0.005)
+    summary = json.loads((folder / "summary.json").read_text())
+    history = read_schedule(folder / "history.csv")
+    assert len(history) == summary["epochs"] == 20 and summary["kept"] == "ema"
+    assert summary["val_accuracy"] == max(max(r["val_accuracy"], r["val_ema"]) for r in history)
+    assert summary["val_after_pruning"] < 0.4 < summary["val_accuracy"]  # the cut nearly restarts it
+    images, labels = load_split(data, "test")
+    measured = accuracy(load_model(folder / "mobilenet.pt"), images, labels, "runner", progress=False)
+    assert measured == pytest.approx(stated["pth_accuracy"]["runner"], abs=1e-4)
+
+
 def test_part1_sparsities_give_the_stated_size():
     """release/finegrained: its chosen per-layer sparsities, applied to a dense MobileNetV2, leave the size
     the summary states, within our bar of 20 % of dense (its accuracy was measured on the GPU)."""

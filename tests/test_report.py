@@ -56,3 +56,18 @@ def test_the_report_shows_the_int8_grade_beside_the_fp32_one_and_the_latency_fil
                     "| `prune` int8 | 44.80 | 0.8893 | 0.8931 | 10000 | 32.94 % |"]
     assert "`prune` int8:" in report and ".int8.pte         0.8893" in report
     assert "## Latency" in report and "# mobileprune bench a.pte b.pte" in report
+
+
+def test_a_recalibration_is_listed_with_both_candidates_whether_or_not_it_came_from_a_part2_run(tmp_path):
+    """`recalibrate` on any model (not only a Part 2 run's) gets a row: both candidates under both resizes."""
+    val = {"as is": {"torchvision": 0.9032, "runner": 0.9006}, "recalibrated": {"torchvision": 0.9018, "runner": 0.8992}}
+    alone = {"mflops": 25.94, "params": 157513, "recalibration_images": 10000, "seed": 0, "val_by_resize": val,
+             "kept": "as is", "val_accuracy": 0.9032, "val_accuracy_runner": 0.9006, "test_accuracy": 0.8975,
+             "test_images": 10000, "distill": False}
+    write(tmp_path / "alone", "summary.json", alone)
+    write(tmp_path / "carried", "summary.json", {**alone, "target_mflops": 26, "recovered_from": "runs/x"})
+    report = write_report(tmp_path, plots=False).read_text()
+    assert "## Part 2: BatchNorm re-estimated (`mobileprune recalibrate`)" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| `alone`", "| `carried`"))]
+    assert "| `alone` | – | 25.94 | 10,000 | 0.9032 / 0.9006 | 0.9018 / 0.8992 | as is | 0.8975 | 10000 |" in rows
+    assert "| `carried` | `runs/x` | 25.94 | 10,000 | 0.9032 / 0.9006 | 0.9018 / 0.8992 | as is | 0.8975 | 10000 |" in rows

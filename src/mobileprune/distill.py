@@ -935,9 +935,14 @@ def save_milestone(run: str | Path, path: str | Path) -> int | None:
     returns the epoch kept, or None when the milestone at ``path`` has already come as far.
 
     ``runs/`` is not in git, and a session may begin in a fresh checkout: a run longer than one
-    session lives on through this file. Every floating tensor is stored in bf16: half of fp32, and
-    its range (unlike fp16's) holds any BatchNorm variance. A run restored from it (``restore_milestone``)
-    goes on from weights and momenta rounded to bf16: close to an unbroken run, not bit-equal.
+    session lives on through this file. It must stay small, since every tracked byte travels with a
+    device call (tests/test_release.py holds the tree to its budget), so it keeps each student's
+    weights and EMA but not its optimiser's momenta, and a kept file equal to the EMA or the weights
+    (the best epoch so far is the last, as it mostly is while a run climbs) is stored as a reference to
+    it. Every floating tensor is stored in bf16: half of fp32, and its range (unlike fp16's) holds any
+    BatchNorm variance. A run restored from it (``restore_milestone``) goes on from weights rounded to
+    bf16 and momenta that start again from zero, which SGD rebuilds within some ten steps: close to an
+    unbroken run, not bit-equal.
     """
     run, path = Path(run), Path(path)
     if not (run / "last.pt").is_file():
@@ -946,14 +951,24 @@ def save_milestone(run: str | Path, path: str | Path) -> int | None:
     if path.is_file() and _read_milestone(path)["epoch"] >= state["epoch"]:
         return None
     kept = {}
-    for name in state["students"]:
+    for name, student in state["students"].items():
         weights = run / name / "mobilenet.pt"
         if weights.is_file():
-            kept[name] = {"weights": torch.load(weights, map_location="cpu", weights_only=True),
-                          "layout": json.loads(weights.with_suffix(".layout.json").read_text())}
+            kept[name] = {"layout": json.loads(weights.with_suffix(".layout.json").read_text()),
+                          **_by_reference(torch.load(weights, map_location="cpu", weights_only=True), student)}
+        student["optimizer"] = {**student["optimizer"], "state": {}}  # the momenta: see above
     save_torch(cast_floats({"format": MILESTONE_FORMAT, "epoch": state["epoch"], "last": state, "kept": kept},
                             torch.bfloat16), path)
     return state["epoch"]
+
+
+def _by_reference(weights: dict, student: dict) -> dict:
+    """A kept state dict as the milestone stores it: the name of the student's state it equals, else itself."""
+    for name in ("ema", "model"):
+        same = student.get(name)
+        if same is not None and same.keys() == weights.keys() and all(torch.equal(same[k], v) for k, v in weights.items()):
+            return {"same_as": name}
+    return {"weights": weights}
 
 
 def _read_milestone(path: str | Path) -> dict:
@@ -979,7 +994,8 @@ def restore_milestone(path: str | Path, run: str | Path) -> int | None:
             return None
     milestone = cast_floats(milestone, torch.float32)
     for name, kept in milestone["kept"].items():
-        save_torch(kept["weights"], run / name / "mobilenet.pt")
+        weights = milestone["last"]["students"][name][kept["same_as"]] if "same_as" in kept else kept["weights"]
+        save_torch(weights, run / name / "mobilenet.pt")
         write_json(run / name / "mobilenet.layout.json", kept["layout"])
     save_torch(milestone["last"], run / "last.pt")  # last: a run cut here finds no last.pt without its weights
     return milestone["epoch"]

@@ -135,8 +135,10 @@ def plot_channels(rows: list[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val: float | None = None) -> Path:
-    """Validation accuracy of each student against the seconds spent (a distill run's history.csv files)."""
+def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val: float | None = None,
+                 title: str = "Students distilled together") -> Path:
+    """Validation accuracy of each student against the seconds spent (a distill run's history.csv files,
+    or runs that trained apart, ``title`` saying which)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, all_rows in histories.items():
         rows = [r for r in all_rows if r["val_accuracy"] is not None]  # at the grader's size
@@ -154,7 +156,7 @@ def plot_distill(histories: dict[str, list[dict]], path: str | Path, teacher_val
     ax.axhline(0.92, color="grey", ls=":", lw=0.8, label="lab bar 92 %")
     ax.set_xlabel("seconds of the students' budget spent")
     ax.set_ylabel("validation accuracy")
-    ax.set_title("Students distilled together")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -251,9 +253,11 @@ def plot_schedules(schedules: dict[str, list[dict]], path: str | Path, lab_line:
 # ----------------------------------------------------------------------------- reports from a folder
 # A stage folder is recognised by its summary.json: Part 2 writes target_mflops, Part 1
 # relative_size_after, the baseline best_epoch, `mobileprune recover` val_before, `mobileprune
-# average` val_by_fraction. A hand-in grade is grade.json, its int8 program's grade.int8.json.
+# average` val_by_fraction, `mobileprune recalibrate` val_by_resize (with target_mflops too when it
+# carries a Part 2 run forward). A hand-in grade is grade.json, its int8 program's grade.int8.json.
 STAGE_KEYS = {"prune": "target_mflops", "finegrained": "relative_size_after", "baseline": "best_epoch",
-              "recover": "val_before", "average": "val_by_fraction", "distill": "students", "teacher": "tta_level"}
+              "recover": "val_before", "average": "val_by_fraction", "recalibrate": "val_by_resize",
+              "distill": "students", "teacher": "tta_level"}
 # A graded hand-in's files (stem.json, stem.txt) and how the report names its row.
 GRADE_STEMS = {"grade": "", "grade.int8": " int8"}
 # What ``collect_release`` copies from a run: summaries, tables and plots, and the channel-pruned
@@ -400,6 +404,20 @@ def recover_row(stage: Path, root: Path) -> dict:
             "test": s["test_accuracy"], "test images": s["test_images"]}
 
 
+RECALIBRATE_COLUMNS = {"run": "", "from": "", "MFLOPs": ".2f", "images": ",", "validation as is": "",
+                       "re-estimated": "", "kept": "", "test": ".4f", "test images": ""}
+
+
+def recalibrate_row(stage: Path, root: Path) -> dict:
+    """A ``mobileprune recalibrate`` run's two candidates and the one kept, by RECALIBRATE_COLUMNS."""
+    s = _read_json(stage / "summary.json")
+    both = {name: f"{_fmt(v['torchvision'])} / {_fmt(v['runner'])}" for name, v in s["val_by_resize"].items()}
+    return {"run": f"`{_label(stage, root)}`", "from": f"`{s['recovered_from']}`" if "recovered_from" in s else None,
+            "MFLOPs": s["mflops"], "images": s["recalibration_images"], "validation as is": both.get("as is"),
+            "re-estimated": both.get("recalibrated"), "kept": s["kept"], "test": s["test_accuracy"],
+            "test images": s["test_images"]}
+
+
 DISTILL_COLUMNS = {"student": "", "target": "g", "MFLOPs": ".2f", "validation after pruning": ".4f",
                    "validation": ".4f", "best epoch": "", "kept": ""}
 AVERAGE_COLUMNS = {"run": "", "first": "", "second": "", "MFLOPs": ".2f", "validation first": ".4f",
@@ -482,6 +500,14 @@ def write_report(root: str | Path, plots: bool = False) -> Path:
                   "start and the best trained epoch on validation.", "",
                   markdown_table([recover_row(stage, root) for stage in stages["recover"]], RECOVER_COLUMNS), ""]
 
+    if stages["recalibrate"]:
+        lines += ["## Part 2: BatchNorm re-estimated (`mobileprune recalibrate`)", "",
+                  "A trained model's BatchNorm statistics estimated afresh on training images; validation under "
+                  "torchvision's / the runner's resize, and the model kept is the one higher under the worse of "
+                  "the two.", "",
+                  markdown_table([recalibrate_row(stage, root) for stage in stages["recalibrate"]],
+                                 RECALIBRATE_COLUMNS), ""]
+
     for stage in stages["distill"]:
         s = _read_json(stage / "summary.json")
         rel = _label(stage, root)
@@ -560,7 +586,7 @@ def collect_release(runs: list[str | Path], release: str | Path) -> list[Path]:
         if not run.is_dir():
             raise MobilepruneError(f"{run}: no such run folder")
         stages = find_stages(run)
-        pruned_stages = set(stages["prune"] + stages["recover"] + stages["average"])
+        pruned_stages = set(stages["prune"] + stages["recover"] + stages["average"] + stages["recalibrate"])
         for path in sorted(run.rglob("*")):
             rel = path.relative_to(run)
             if not path.is_file() or any(part.startswith("step_") or part in ("finetune", "recovery", "submission")
